@@ -1,0 +1,97 @@
+"""Settings, validated once at start and read through `get_settings()` (never at import time).
+
+Two ways to run share these settings: the embedded default (SQLite, local storage, a filesystem
+broker, everything under ATELIER_HOME) and the full stack (PostgreSQL, Redis, S3/MinIO), chosen by
+setting `ATELIER_DATABASE_URL`, `ATELIER_BROKER_URL` and `ATELIER_STORAGE=s3`.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Built-in bases are made offline by core/tiny; anything else must be listed explicitly.
+DEFAULT_BASE_MODELS: dict[str, str] = {
+    "tiny-sd": "builtin:tiny-sd",
+    "tiny-sdxl": "builtin:tiny-sdxl",
+}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ATELIER_", env_nested_delimiter="__", extra="ignore")
+
+    home: Path = Field(default_factory=lambda: Path.home() / ".atelier")
+    database_url: str = ""  # default: sqlite under home
+    broker_url: str = ""  # default: filesystem transport under home
+    result_backend: str | None = None
+
+    storage: Literal["local", "s3"] = "local"
+    storage_root: Path | None = None  # local storage folder, default home/storage
+    s3_bucket: str = "atelier"
+    s3_endpoint_url: str | None = None
+    s3_region: str = "us-east-1"
+    s3_create_bucket: bool = True
+    presign_ttl_s: int = 900
+
+    model_cache: Path | None = None  # default home/models
+    # id -> source: "builtin:<name>", "hf:<repo id>", a local diffusers folder, or "storage:<prefix>"
+    base_models: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_BASE_MODELS))
+
+    max_attempts: int = 3
+    lease_s: float = 60.0
+    heartbeat_s: float = 5.0
+    job_time_limit_s: int = 24 * 3600
+    queued_redispatch_s: float = 120.0  # a queued job older than this with no claim is re-sent
+    reap_interval_s: float = 30.0
+
+    torch_threads: int | None = None
+    device: str = "auto"  # auto | cpu | cuda
+
+    # Dataset limits (design.md §9)
+    max_upload_bytes: int = 512 * 1024 * 1024
+    max_archive_entries: int = 10_000
+    max_archive_bytes: int = 2 * 1024 * 1024 * 1024
+    max_entry_bytes: int = 64 * 1024 * 1024
+    max_compression_ratio: float = 200.0
+    max_image_pixels: int = 40_000_000
+    max_caption_bytes: int = 2048
+
+    @model_validator(mode="after")
+    def _fill_defaults(self) -> Settings:
+        self.home = self.home.expanduser()
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.home / 'atelier.db'}"
+        if not self.broker_url:
+            self.broker_url = "filesystem://"
+        if self.storage_root is None:
+            self.storage_root = self.home / "storage"
+        if self.model_cache is None:
+            self.model_cache = self.home / "models"
+        for model_id, source in self.base_models.items():
+            if not source:
+                raise ValueError(f"base model {model_id!r} has an empty source")
+        if self.lease_s <= self.heartbeat_s * 2:
+            raise ValueError("lease_s must exceed two heartbeats, or live jobs get reaped")
+        return self
+
+    @property
+    def broker_folder(self) -> Path:
+        return self.home / "broker"
+
+    @property
+    def embedded_broker(self) -> bool:
+        return self.broker_url.startswith("filesystem://")
+
+
+@functools.cache
+def get_settings() -> Settings:
+    return Settings()
+
+
+def reset_settings() -> None:
+    """Tests and the CLI change the environment, then drop the cached settings."""
+    get_settings.cache_clear()
