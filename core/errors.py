@@ -1,0 +1,46 @@
+"""Domain errors that cross the API boundary as RFC 9457 problem+json with a stable `code`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ApiError(Exception):
+    """An error a client can act on. `code` is stable; `detail` is for people."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        detail: str,
+        *,
+        title: str | None = None,
+        errors: list[dict[str, Any]] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.code = code
+        self.detail = detail
+        self.title = title or code.replace("_", " ").capitalize()
+        self.errors = errors
+        self.headers = headers
+
+    def to_problem(self, instance: str | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "type": f"https://atelier.dev/problems/{self.code}",
+            "title": self.title,
+            "status": self.status,
+            "detail": self.detail,
+            "code": self.code,
+        }
+        if instance:
+            body["instance"] = instance
+        if self.errors:
+            body["errors"] = self.errors
+        return body
+
+
+def not_found(kind: str, ident: str) -> ApiError:
+    # Another tenant's ids answer exactly like ids that never existed.
+    return ApiError(404, f"{kind}_not_found", f"no {kind} with id {ident!r}")
