@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -41,7 +42,23 @@ class LoraParams(StrictModel):
 
 MethodParams = Annotated[LoraParams, Field(discriminator="method")]
 
-METHOD_PARAMS: dict[str, type[StrictModel]] = {"lora": LoraParams}
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """What the API needs to know of a method without importing torch."""
+
+    name: str
+    params: type[StrictModel]
+    dataset_kind: str
+    min_images: int
+    summary: str
+
+
+METHOD_INFO: dict[str, MethodInfo] = {
+    "lora": MethodInfo(
+        "lora", LoraParams, "images+captions", 1, "Low-rank adapters on the UNet (and text encoder)"
+    ),
+}
 
 
 class TrainingParams(StrictModel):
@@ -102,6 +119,13 @@ class JobSpec(StrictModel):
 def method_schemas() -> dict[str, dict]:
     """JSON schema per method, for GET /v1/methods."""
     return {
-        name: {"params": model.model_json_schema(), "training": TrainingParams.model_json_schema()}
-        for name, model in METHOD_PARAMS.items()
+        name: {
+            "name": name,
+            "summary": info.summary,
+            "dataset_kind": info.dataset_kind,
+            "min_images": info.min_images,
+            "params": info.params.model_json_schema(),
+            "training": TrainingParams.model_json_schema(),
+        }
+        for name, info in METHOD_INFO.items()
     }

@@ -1,0 +1,70 @@
+"""Dependencies as types: routes read as declarations, tests swap implementations."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.orm import Session
+
+from core.config import Settings, get_settings
+from core.db import new_session
+from core.errors import ApiError
+from core.storage import Storage, make_storage
+from core.tenants import tenant_for_key
+
+
+def settings_dep() -> Settings:
+    return get_settings()
+
+
+SettingsDep = Annotated[Settings, Depends(settings_dep)]
+
+
+def get_db(settings: SettingsDep) -> Iterator[Session]:
+    session = new_session(settings.database_url)
+    try:
+        yield session
+    finally:
+        session.close()
+
+
+SessionDep = Annotated[Session, Depends(get_db)]
+
+
+_storages: dict[int, Storage] = {}
+
+
+def get_storage(settings: SettingsDep) -> Storage:
+    # One client per Settings object: boto3 clients are costly to build and safe to share.
+    if id(settings) not in _storages:
+        _storages[id(settings)] = make_storage(settings)
+    return _storages[id(settings)]
+
+
+StorageDep = Annotated[Storage, Depends(get_storage)]
+
+
+def get_tenant(request: Request, session: SessionDep) -> str:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ApiError(
+            401,
+            "unauthorized",
+            "send an API key as 'Authorization: Bearer <key>' (create one with `atelier keys create`)",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    tenant_id = tenant_for_key(session=session, secret=token.strip())
+    if tenant_id is None:
+        raise ApiError(
+            401,
+            "invalid_api_key",
+            "the API key is unknown or revoked",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    return tenant_id
+
+
+TenantDep = Annotated[str, Depends(get_tenant)]

@@ -1,0 +1,71 @@
+"""Artifacts: the manifest, and downloads (presigned redirect on S3, streamed on local storage)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import RedirectResponse, Response
+from sqlalchemy import select
+
+from api.deps import SessionDep, StorageDep, TenantDep
+from api.pagination import page
+from api.routes.files import stream_file
+from api.schemas import ArtifactPublic, ArtifactsPublic
+from core.errors import ApiError, not_found
+from core.models import Artifact
+
+router = APIRouter(prefix="/v1/artifacts", tags=["artifacts"])
+
+
+def get_owned_artifact(session: SessionDep, tenant_id: str, artifact_id: str) -> Artifact:
+    artifact = session.get(Artifact, artifact_id)
+    if artifact is None or artifact.tenant_id != tenant_id:
+        raise not_found("artifact", artifact_id)
+    return artifact
+
+
+@router.get("", response_model=ArtifactsPublic)
+def list_artifacts(
+    session: SessionDep,
+    tenant_id: TenantDep,
+    after: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> ArtifactsPublic:
+    query = select(Artifact).where(Artifact.tenant_id == tenant_id)
+    rows, more = page(session, query, Artifact.id, after=after, limit=limit)
+    return ArtifactsPublic(data=[ArtifactPublic.from_row(a) for a in rows], has_more=more)
+
+
+@router.get("/{artifact_id}", response_model=ArtifactPublic)
+def get_artifact(artifact_id: str, session: SessionDep, tenant_id: TenantDep) -> ArtifactPublic:
+    return ArtifactPublic.from_row(get_owned_artifact(session, tenant_id, artifact_id))
+
+
+@router.get("/{artifact_id}/download")
+def download_artifact(
+    artifact_id: str,
+    request: Request,
+    session: SessionDep,
+    storage: StorageDep,
+    tenant_id: TenantDep,
+    file: Annotated[
+        str | None, Query(description="A file named in the manifest; default the primary")
+    ] = None,
+    format: Annotated[str, Query(description="Export format")] = "diffusers",
+) -> Response:
+    artifact = get_owned_artifact(session, tenant_id, artifact_id)
+    if format != "diffusers":
+        raise ApiError(422, "format_not_supported", f"format {format!r} is not available; use 'diffusers'")
+    names = [f["name"] for f in artifact.manifest.get("files", [])] + ["manifest.json"]
+    name = file or artifact.manifest.get("primary") or names[0]
+    if name not in names:
+        raise ApiError(
+            422, "file_not_in_artifact", f"{name!r} is not in artifact {artifact_id}; files: {names}"
+        )
+    key = f"{artifact.storage_prefix}/{name}"
+    filename = name.replace("/", "_")
+    url = storage.presigned_url(key, filename=filename)
+    if url is not None:
+        return RedirectResponse(url, status_code=307)
+    return stream_file(storage, key, filename)

@@ -1,0 +1,103 @@
+"""POST /v1/datasets: upload, validate before any GPU time, report every accepted and rejected file."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from core.datasets import DatasetRejected, ingest_upload
+from fastapi import APIRouter, File, Form, Query, Response, UploadFile
+from sqlalchemy import select
+
+from api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
+from api.pagination import page
+from api.schemas import DatasetPublic, DatasetsPublic
+from core.errors import ApiError, not_found
+from core.ids import new_id
+from core.models import Dataset, DatasetStatus, Job, JobStatus
+
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+
+
+@router.post("", status_code=201, response_model=DatasetPublic)
+def create_dataset(
+    session: SessionDep,
+    settings: SettingsDep,
+    storage: StorageDep,
+    tenant_id: TenantDep,
+    files: Annotated[
+        list[UploadFile], File(description="A zip of images + same-name .txt captions, or files")
+    ],
+    name: Annotated[str | None, Form(max_length=200)] = None,
+) -> DatasetPublic:
+    total = sum(f.size or 0 for f in files)
+    if total > settings.max_upload_bytes:
+        raise ApiError(
+            413, "upload_too_large", f"upload is {total} bytes; the limit is {settings.max_upload_bytes}"
+        )
+    dataset = Dataset(id=new_id("ds"), tenant_id=tenant_id, name=name, status=DatasetStatus.validating)
+    dataset.storage_prefix = f"tenants/{tenant_id}/datasets/{dataset.id}"
+    session.add(dataset)
+    session.commit()
+    try:
+        report = ingest_upload(
+            [(f.filename or "upload", f.file) for f in files],
+            dataset_prefix=dataset.storage_prefix,
+            storage=storage,
+            settings=settings,
+        )
+    except DatasetRejected as exc:
+        dataset.status = DatasetStatus.invalid
+        dataset.error_code, dataset.error_message = exc.code, exc.detail
+        dataset.report = {"rejected": exc.errors}
+        session.commit()
+        raise ApiError(
+            exc.status, exc.code, f"dataset {dataset.id}: {exc.detail}", errors=exc.errors
+        ) from exc
+    dataset.status = DatasetStatus.ready
+    dataset.image_count = len(report.accepted)
+    dataset.report = report.to_dict()
+    session.commit()
+    return DatasetPublic.from_row(dataset)
+
+
+@router.get("", response_model=DatasetsPublic)
+def list_datasets(
+    session: SessionDep,
+    tenant_id: TenantDep,
+    after: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> DatasetsPublic:
+    query = select(Dataset).where(Dataset.tenant_id == tenant_id)
+    rows, more = page(session, query, Dataset.id, after=after, limit=limit)
+    return DatasetsPublic(data=[DatasetPublic.from_row(d) for d in rows], has_more=more)
+
+
+def get_owned_dataset(session: SessionDep, tenant_id: str, dataset_id: str) -> Dataset:
+    dataset = session.get(Dataset, dataset_id)
+    if dataset is None or dataset.tenant_id != tenant_id:
+        raise not_found("dataset", dataset_id)
+    return dataset
+
+
+@router.get("/{dataset_id}", response_model=DatasetPublic)
+def get_dataset(dataset_id: str, session: SessionDep, tenant_id: TenantDep) -> DatasetPublic:
+    return DatasetPublic.from_row(get_owned_dataset(session, tenant_id, dataset_id))
+
+
+@router.delete("/{dataset_id}", status_code=204)
+def delete_dataset(
+    dataset_id: str, session: SessionDep, storage: StorageDep, tenant_id: TenantDep
+) -> Response:
+    dataset = get_owned_dataset(session, tenant_id, dataset_id)
+    active = session.scalar(
+        select(Job.id).where(
+            Job.dataset_id == dataset_id, Job.status.in_([JobStatus.queued, JobStatus.running])
+        )
+    )
+    if active:
+        raise ApiError(409, "dataset_in_use", f"dataset {dataset_id} is used by active job {active}")
+    storage.delete_prefix(dataset.storage_prefix + "/")
+    dataset.status = DatasetStatus.invalid
+    dataset.error_code, dataset.error_message = "deleted", "the dataset was deleted"
+    session.commit()
+    return Response(status_code=204)

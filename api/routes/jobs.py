@@ -1,0 +1,184 @@
+"""Training jobs: create (idempotent), list, get, cancel, events (JSON and SSE), samples."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from core.base_models import BaseModelNotAllowed, get_base_model_info
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.responses import StreamingResponse
+from sqlalchemy import select
+
+from api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
+from api.files import file_url
+from api.pagination import page
+from api.routes.datasets import get_owned_dataset
+from api.schemas import EventPublic, EventsPublic, JobCreate, JobPublic, JobsPublic
+from core import jobs
+from core.db import new_session
+from core.errors import ApiError, not_found
+from core.methods.params import METHOD_INFO
+from core.models import DatasetStatus, Job, JobEvent, JobStatus
+from worker.app import send_train
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+
+def _check_inputs(session: SessionDep, settings: SettingsDep, tenant_id: str, body: JobCreate) -> None:
+    try:
+        get_base_model_info(body.base_model, settings)
+    except BaseModelNotAllowed as exc:
+        raise ApiError(422, "base_model_not_allowed", str(exc)) from exc
+    dataset = get_owned_dataset(session, tenant_id, body.dataset_id)
+    if dataset.status != DatasetStatus.ready:
+        raise ApiError(422, "dataset_not_ready", f"dataset {dataset.id} is {dataset.status}, not ready")
+    info = METHOD_INFO[body.params.method]
+    if dataset.image_count < info.min_images:
+        raise ApiError(
+            422,
+            "dataset_too_small",
+            f"{body.params.method} needs at least {info.min_images} images; dataset {dataset.id} has "
+            f"{dataset.image_count}",
+        )
+
+
+@router.post("", status_code=201, response_model=JobPublic)
+def create_job(
+    body: JobCreate,
+    response: Response,
+    session: SessionDep,
+    settings: SettingsDep,
+    tenant_id: TenantDep,
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+) -> JobPublic:
+    _check_inputs(session, settings, tenant_id, body)
+    try:
+        job, created = jobs.create_job(
+            session=session,
+            tenant_id=tenant_id,
+            spec=body,
+            idempotency_key=idempotency_key,
+            max_attempts=settings.max_attempts,
+        )
+    except jobs.IdempotencyConflict as exc:
+        raise ApiError(422, "idempotency_key_reused", str(exc)) from exc
+    if not created:
+        response.status_code = 200
+        response.headers["Idempotent-Replayed"] = "true"
+        return JobPublic.from_row(job)
+    try:
+        send_train(job.id)
+        jobs.mark_dispatched(session=session, job_id=job.id)
+    except Exception:
+        # The row is committed: the beat re-sends queued jobs that were never dispatched.
+        log.exception("could not reach the broker for job %s; the reaper will re-send it", job.id)
+    return JobPublic.from_row(job)
+
+
+@router.get("", response_model=JobsPublic)
+def list_jobs(
+    session: SessionDep,
+    tenant_id: TenantDep,
+    after: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    status: JobStatus | None = None,
+) -> JobsPublic:
+    query = select(Job).where(Job.tenant_id == tenant_id)
+    if status is not None:
+        query = query.where(Job.status == status)
+    rows, more = page(session, query, Job.id, after=after, limit=limit)
+    return JobsPublic(data=[JobPublic.from_row(j) for j in rows], has_more=more)
+
+
+def get_owned_job(session: SessionDep, tenant_id: str, job_id: str) -> Job:
+    job = session.get(Job, job_id, populate_existing=True)
+    if job is None or job.tenant_id != tenant_id:
+        raise not_found("job", job_id)
+    return job
+
+
+@router.get("/{job_id}", response_model=JobPublic)
+def get_job(job_id: str, session: SessionDep, tenant_id: TenantDep) -> JobPublic:
+    return JobPublic.from_row(get_owned_job(session, tenant_id, job_id))
+
+
+@router.post("/{job_id}/cancel", response_model=JobPublic)
+def cancel_job(job_id: str, session: SessionDep, tenant_id: TenantDep) -> JobPublic:
+    job = get_owned_job(session, tenant_id, job_id)
+    if JobStatus(job.status).is_terminal:
+        raise ApiError(409, "job_finished", f"job {job_id} already {job.status}")
+    return JobPublic.from_row(jobs.request_cancel(session=session, job=job))
+
+
+def _events_after(session: SessionDep, job_id: str, after: int, limit: int) -> list[JobEvent]:
+    query = select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after)
+    return list(session.scalars(query.order_by(JobEvent.id).limit(limit)))
+
+
+@router.get("/{job_id}/events", response_model=EventsPublic)
+def job_events(
+    job_id: str,
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    tenant_id: TenantDep,
+    after: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+):  # type: ignore[no-untyped-def]
+    get_owned_job(session, tenant_id, job_id)
+    if "text/event-stream" in request.headers.get("accept", ""):
+        return StreamingResponse(
+            _stream(settings.database_url, job_id, after), media_type="text/event-stream"
+        )
+    rows = _events_after(session, job_id, after, limit + 1)
+    return EventsPublic(data=[EventPublic.from_row(e) for e in rows[:limit]], has_more=len(rows) > limit)
+
+
+async def _stream(database_url: str, job_id: str, after: int) -> AsyncIterator[str]:
+    """Server-sent events: each job event, plus `progress` snapshots, until the job is terminal."""
+    last_progress = None
+    while True:
+        with new_session(database_url) as session:
+            events = _events_after(session, job_id, after, 500)
+            job = session.get(Job, job_id)
+            assert job is not None
+            snapshot = JobPublic.from_row(job).progress.model_dump()
+            terminal = JobStatus(job.status).is_terminal
+        for event in events:
+            after = event.id
+            payload = EventPublic.from_row(event).model_dump_json()
+            yield f"id: {event.id}\nevent: {event.type}\ndata: {payload}\n\n"
+        if snapshot != last_progress:
+            last_progress = snapshot
+            yield f"event: progress\ndata: {json.dumps(snapshot)}\n\n"
+        if terminal and not events:
+            return
+        await asyncio.sleep(0.5)
+
+
+@router.get("/{job_id}/samples")
+def job_samples(
+    job_id: str, request: Request, session: SessionDep, storage: StorageDep, tenant_id: TenantDep
+) -> dict:
+    get_owned_job(session, tenant_id, job_id)
+    events = session.scalars(
+        select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.type == "sample").order_by(JobEvent.id)
+    )
+    data = []
+    for event in events:
+        info = event.data or {}
+        for image in info.get("images", []):
+            data.append(
+                {
+                    "step": info.get("step"),
+                    "attempt": event.attempt,
+                    "prompt": image["prompt"],
+                    "url": file_url(storage, image["key"], request),
+                }
+            )
+    return {"object": "list", "data": data, "has_more": False}

@@ -1,0 +1,198 @@
+"""What crosses the wire, named by role: *Create in, *Public out, *sPublic for lists."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+
+from core.inference_params import GenerationSpec
+from core.methods.params import JobSpec
+from core.models import Artifact, Dataset, Generation, Job, JobEvent
+from core.timeutil import iso
+
+JobCreate = JobSpec
+GenerationCreate = GenerationSpec
+
+
+class Progress(BaseModel):
+    step: int
+    total: int
+    loss: float | None
+    images_per_s: float | None
+    it_per_s: float | None
+    eta_s: float | None
+
+
+class ErrorInfo(BaseModel):
+    code: str
+    message: str | None
+
+
+class JobPublic(BaseModel):
+    id: str
+    object: str = "job"
+    status: str
+    method: str
+    base_model: str
+    dataset_id: str
+    params: dict[str, Any]
+    training: dict[str, Any]
+    attempt: int
+    max_attempts: int
+    cancel_requested: bool
+    progress: Progress
+    checkpoint_step: int | None
+    error: ErrorInfo | None
+    artifact_id: str | None
+    created_at: str | None
+    started_at: str | None
+    finished_at: str | None
+
+    @classmethod
+    def from_row(cls, job: Job) -> JobPublic:
+        training = job.spec.get("training", {})
+        per_step = training.get("batch_size", 1) * training.get("gradient_accumulation_steps", 1)
+        it_s = job.images_per_s / per_step if job.images_per_s else None
+        remaining = max(job.total_steps - job.step, 0)
+        eta = remaining / it_s if it_s and job.status == "running" else None
+        return cls(
+            id=job.id,
+            status=job.status,
+            method=job.method,
+            base_model=job.base_model,
+            dataset_id=job.dataset_id,
+            params=job.spec.get("params", {}),
+            training=training,
+            attempt=job.attempt,
+            max_attempts=job.max_attempts,
+            cancel_requested=job.cancel_requested,
+            progress=Progress(
+                step=job.step,
+                total=job.total_steps,
+                loss=job.loss,
+                images_per_s=job.images_per_s,
+                it_per_s=it_s,
+                eta_s=eta,
+            ),
+            checkpoint_step=job.checkpoint_step,
+            error=ErrorInfo(code=job.error_code, message=job.error_message) if job.error_code else None,
+            artifact_id=job.artifact_id,
+            created_at=iso(job.created_at),
+            started_at=iso(job.started_at),
+            finished_at=iso(job.finished_at),
+        )
+
+
+class JobsPublic(BaseModel):
+    object: str = "list"
+    data: list[JobPublic]
+    has_more: bool
+
+
+class EventPublic(BaseModel):
+    id: int
+    type: str
+    attempt: int
+    data: dict[str, Any]
+    created_at: str | None
+
+    @classmethod
+    def from_row(cls, event: JobEvent) -> EventPublic:
+        return cls(
+            id=event.id,
+            type=event.type,
+            attempt=event.attempt,
+            data=event.data or {},
+            created_at=iso(event.created_at),
+        )
+
+
+class EventsPublic(BaseModel):
+    object: str = "list"
+    data: list[EventPublic]
+    has_more: bool
+
+
+class DatasetPublic(BaseModel):
+    id: str
+    object: str = "dataset"
+    name: str | None
+    status: str
+    image_count: int
+    report: dict[str, Any] | None
+    error: ErrorInfo | None
+    created_at: str | None
+
+    @classmethod
+    def from_row(cls, ds: Dataset) -> DatasetPublic:
+        return cls(
+            id=ds.id,
+            name=ds.name,
+            status=ds.status,
+            image_count=ds.image_count,
+            report=ds.report,
+            error=ErrorInfo(code=ds.error_code, message=ds.error_message) if ds.error_code else None,
+            created_at=iso(ds.created_at),
+        )
+
+
+class DatasetsPublic(BaseModel):
+    object: str = "list"
+    data: list[DatasetPublic]
+    has_more: bool
+
+
+class ArtifactPublic(BaseModel):
+    id: str
+    object: str = "artifact"
+    job_id: str
+    method: str
+    base_model: str
+    manifest: dict[str, Any]
+    created_at: str | None
+
+    @classmethod
+    def from_row(cls, art: Artifact) -> ArtifactPublic:
+        return cls(
+            id=art.id,
+            job_id=art.job_id,
+            method=art.method,
+            base_model=art.base_model,
+            manifest=art.manifest,
+            created_at=iso(art.created_at),
+        )
+
+
+class ArtifactsPublic(BaseModel):
+    object: str = "list"
+    data: list[ArtifactPublic]
+    has_more: bool
+
+
+class ImagePublic(BaseModel):
+    index: int
+    url: str
+
+
+class GenerationPublic(BaseModel):
+    id: str
+    object: str = "generation"
+    status: str
+    request: dict[str, Any]
+    images: list[ImagePublic]
+    error: ErrorInfo | None
+    created_at: str | None
+    finished_at: str | None
+
+    @classmethod
+    def from_row(cls, gen: Generation, urls: list[str]) -> GenerationPublic:
+        return cls(
+            id=gen.id,
+            status=gen.status,
+            request=gen.spec,
+            images=[ImagePublic(index=i, url=u) for i, u in enumerate(urls)],
+            error=ErrorInfo(code=gen.error_code, message=gen.error_message) if gen.error_code else None,
+            created_at=iso(gen.created_at),
+            finished_at=iso(gen.finished_at),
+        )

@@ -1,0 +1,76 @@
+"""The Celery app: delivery settings of design.md §4, built from Settings (never at import time).
+
+The API imports this module only to send task names; it never imports torch.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from celery import Celery
+
+from core.config import Settings, get_settings
+
+TRAIN_QUEUE = "train"
+GENERATE_QUEUE = "generate"
+MAINTENANCE_QUEUE = "maintenance"
+TRAIN_TASK = "atelier.train_job"
+GENERATE_TASK = "atelier.generate"
+REAP_TASK = "atelier.reap_stale_jobs"
+
+
+def _broker_options(settings: Settings) -> dict[str, Any]:
+    if settings.embedded_broker:
+        folder = settings.broker_folder
+        for sub in ("queue", "processed"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        return {
+            "data_folder_in": str(folder / "queue"),
+            "data_folder_out": str(folder / "queue"),
+            "processed_folder": str(folder / "processed"),
+            "store_processed": False,
+        }
+    # Redis re-delivers an unacked message after the visibility timeout; keep it above the longest
+    # job so a long run is not started twice (fencing would stop the duplicate anyway).
+    return {"visibility_timeout": settings.job_time_limit_s + 3600}
+
+
+def make_celery(settings: Settings) -> Celery:
+    app = Celery("atelier", broker=settings.broker_url, backend=settings.result_backend)
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_time_limit=settings.job_time_limit_s,
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,
+        broker_transport_options=_broker_options(settings),
+        broker_connection_retry_on_startup=True,
+        task_routes={
+            TRAIN_TASK: {"queue": TRAIN_QUEUE},
+            GENERATE_TASK: {"queue": GENERATE_QUEUE},
+            REAP_TASK: {"queue": MAINTENANCE_QUEUE},
+        },
+        task_default_queue=MAINTENANCE_QUEUE,
+        beat_schedule={
+            "reap-stale-jobs": {"task": REAP_TASK, "schedule": settings.reap_interval_s},
+        },
+        worker_hijack_root_logger=False,
+        include=["worker.tasks"],
+    )
+    return app
+
+
+@functools.cache
+def get_celery() -> Celery:
+    return make_celery(get_settings())
+
+
+def send_train(job_id: str) -> None:
+    get_celery().send_task(TRAIN_TASK, args=[job_id], queue=TRAIN_QUEUE)
+
+
+def send_generate(generation_id: str) -> None:
+    get_celery().send_task(GENERATE_TASK, args=[generation_id], queue=GENERATE_QUEUE)
