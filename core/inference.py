@@ -1,0 +1,137 @@
+"""Generation: load the base pipeline (cached per process), apply artifacts, generate, store PNGs.
+
+Adapters are removed after every request, so nothing one request applied leaks into the next.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL.PngImagePlugin import PngInfo
+from sqlalchemy import update
+
+from core.config import Settings
+from core.db import session_scope
+from core.inference_params import GenerationSpec
+from core.models import Artifact, Generation, JobStatus
+from core.storage import Storage, download_prefix
+from core.timeutil import utcnow
+
+log = logging.getLogger(__name__)
+MAX_PIPELINES = 2
+
+_pipelines: OrderedDict[str, Any] = OrderedDict()
+
+
+def get_pipeline(model_id: str, settings: Settings) -> Any:
+    """A bounded LRU of base pipelines: loading one costs seconds to minutes."""
+    from core.base_loader import load_pipeline
+    from core.devices import pick_device
+
+    if model_id in _pipelines:
+        _pipelines.move_to_end(model_id)
+        return _pipelines[model_id]
+    device, dtype = pick_device(settings)
+    pipe = load_pipeline(model_id, settings=settings, device=device, dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    _pipelines[model_id] = pipe
+    while len(_pipelines) > MAX_PIPELINES:
+        _pipelines.popitem(last=False)
+    return pipe
+
+
+def artifact_dir(artifact: Artifact, storage: Storage, settings: Settings) -> Path:
+    """Artifacts are immutable once their manifest exists, so a local copy is cached by artifact id."""
+    assert settings.model_cache is not None
+    local = settings.model_cache / "artifacts" / artifact.id
+    if not (local / "manifest.json").exists():
+        download_prefix(storage, artifact.storage_prefix, local)
+    return local
+
+
+def generate_images(
+    *, spec: GenerationSpec, artifacts: list[tuple[Artifact, float]], settings: Settings, storage: Storage
+) -> list[Any]:
+    from core.methods import get_method
+
+    pipe = get_pipeline(spec.base_model, settings)
+    names = []
+    try:
+        for index, (artifact, scale) in enumerate(artifacts):
+            method = get_method(artifact.method)
+            name = f"a{index}"
+            method.apply(
+                pipe,
+                artifact_dir(artifact, storage, settings),
+                artifact.manifest,
+                scale=scale,
+                adapter_name=name,
+            )
+            names.append(name)
+        if names:
+            pipe.set_adapters(names, adapter_weights=[scale for _, scale in artifacts])
+        generator = torch.Generator("cpu").manual_seed(spec.seed if spec.seed is not None else 0)
+        result = pipe(
+            prompt=spec.prompt,
+            negative_prompt=spec.negative_prompt,
+            num_inference_steps=spec.steps,
+            guidance_scale=spec.guidance_scale,
+            width=spec.width,
+            height=spec.height,
+            num_images_per_prompt=spec.num_images,
+            generator=generator,
+        )
+        return list(result.images)
+    finally:
+        if names:
+            pipe.delete_adapters(names)
+
+
+def _png(image: Any, spec: GenerationSpec, index: int) -> bytes:
+    info = PngInfo()
+    info.add_text("parameters", json.dumps({**spec.model_dump(mode="json"), "index": index}))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def run_generation(*, generation_id: str, settings: Settings, storage: Storage) -> str | None:
+    with session_scope(settings.database_url) as session:
+        claimed = session.execute(
+            update(Generation)
+            .where(Generation.id == generation_id, Generation.status == JobStatus.queued)
+            .values(status=JobStatus.running, attempt=Generation.attempt + 1, started_at=utcnow())
+        ).rowcount
+        if not claimed:
+            return None
+        generation = session.get(Generation, generation_id)
+        assert generation is not None
+        spec = GenerationSpec.model_validate(generation.spec)
+        artifacts = [(session.get(Artifact, ref.artifact_id), ref.scale) for ref in spec.loras]
+        tenant_id = generation.tenant_id
+    try:
+        images = generate_images(spec=spec, artifacts=artifacts, settings=settings, storage=storage)  # type: ignore[arg-type]
+        keys = []
+        for index, image in enumerate(images):
+            key = f"tenants/{tenant_id}/generations/{generation_id}/{index}.png"
+            storage.put_bytes(key, _png(image, spec, index), content_type="image/png")
+            keys.append(key)
+        values: dict[str, Any] = {"status": JobStatus.succeeded, "image_keys": keys}
+    except Exception as exc:
+        log.exception("generation %s failed", generation_id)
+        values = {
+            "status": JobStatus.failed,
+            "error_code": "generation_error",
+            "error_message": f"{type(exc).__name__}: {exc}"[:2000],
+        }
+    with session_scope(settings.database_url) as session:
+        session.execute(
+            update(Generation).where(Generation.id == generation_id).values(finished_at=utcnow(), **values)
+        )
+    return str(values["status"])

@@ -1,0 +1,309 @@
+"""Runs one training job attempt: claim → load base and data → the loop → artifact → finish.
+
+The worker task is a thin call into `run_training_job`. Everything the loop needs from the
+outside world (lease renewal, cancel, checkpoints, samples) goes through `JobHooks`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from core import jobs
+from core.config import Settings
+from core.db import session_scope
+from core.models import Dataset, Job, JobStatus
+from core.storage import Storage, download_prefix, upload_dir
+
+log = logging.getLogger(__name__)
+
+
+class PermanentJobError(Exception):
+    """Retrying cannot help (bad data, incompatible base): the job fails at once with `code`."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def job_prefix(tenant_id: str, job_id: str) -> str:
+    return f"tenants/{tenant_id}/jobs/{job_id}"
+
+
+class Heartbeat(threading.Thread):
+    """Renews the lease every `heartbeat_s` for the whole attempt, also while models load or latents
+    are cached, and carries the newest progress. The loop reads `stop_reason` at its report points."""
+
+    def __init__(self, *, settings: Settings, job_id: str, attempt: int) -> None:
+        super().__init__(name=f"heartbeat-{job_id}", daemon=True)
+        self.settings, self.job_id, self.attempt = settings, job_id, attempt
+        self.progress: dict[str, Any] = {}
+        self.stop_reason: str | None = None
+        self._done = threading.Event()
+
+    def beat(self) -> None:
+        try:
+            with session_scope(self.settings.database_url) as session:
+                cancel = jobs.heartbeat(
+                    session=session,
+                    job_id=self.job_id,
+                    attempt=self.attempt,
+                    lease_s=self.settings.lease_s,
+                    **self.progress,
+                )
+            if cancel:
+                self.stop_reason = "canceled"
+        except jobs.LeaseLost:
+            self.stop_reason = "lease_lost"
+        except Exception:
+            # A database blip must not kill the job: the lease has slack for a few missed beats.
+            log.warning("heartbeat for job %s failed; retrying", self.job_id, exc_info=True)
+
+    def run(self) -> None:
+        while not self._done.wait(self.settings.heartbeat_s):
+            self.beat()
+
+    def stop(self) -> None:
+        self._done.set()
+
+
+class JobHooks:
+    """The loop's view of the job: progress, cancellation, checkpoints and samples, all fenced."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        storage: Storage,
+        job: Job,
+        attempt: int,
+        heartbeat: Heartbeat,
+        workdir: Path,
+    ) -> None:
+        self.settings, self.storage, self.attempt = settings, storage, attempt
+        self.job_id, self.tenant_id = job.id, job.tenant_id
+        self.checkpoint_key, self.checkpoint_step = job.checkpoint_key, job.checkpoint_step
+        self.heartbeat, self.workdir = heartbeat, workdir
+        self._last_report = 0.0
+
+    def _stop_if_asked(self) -> None:
+        from core.training.progress import StopTraining
+
+        if self.heartbeat.stop_reason:
+            raise StopTraining(self.heartbeat.stop_reason)
+
+    def should_report(self, step: int) -> bool:
+        return time.monotonic() - self._last_report >= min(self.settings.heartbeat_s, 2.0)
+
+    def progress(self, *, step: int, total: int, loss: float, images_per_s: float) -> None:
+        self._last_report = time.monotonic()
+        self.heartbeat.progress = {"step": step, "loss": loss, "images_per_s": images_per_s}
+        self._stop_if_asked()
+
+    def save_checkpoint(self, *, step: int, folder: Path) -> None:
+        prefix = f"{job_prefix(self.tenant_id, self.job_id)}/checkpoints/step-{step:08d}"
+        upload_dir(self.storage, folder, prefix)
+        with session_scope(self.settings.database_url) as session:
+            jobs.record_checkpoint(
+                session=session, job_id=self.job_id, attempt=self.attempt, step=step, key=prefix
+            )
+        previous, self.checkpoint_key, self.checkpoint_step = self.checkpoint_key, prefix, step
+        if previous and previous != prefix:
+            self.storage.delete_prefix(previous + "/")  # only the newest complete checkpoint is kept
+        self._stop_if_asked()
+
+    def load_checkpoint(self) -> tuple[int, Path] | None:
+        if not self.checkpoint_key or self.checkpoint_step is None:
+            return None
+        local = self.workdir / "resume"
+        download_prefix(self.storage, self.checkpoint_key, local)
+        with session_scope(self.settings.database_url) as session:
+            jobs.add_event(
+                session=session,
+                job_id=self.job_id,
+                attempt=self.attempt,
+                type="resumed",
+                data={"from_step": self.checkpoint_step},
+            )
+        return self.checkpoint_step, local
+
+    def save_samples(self, *, step: int, images: list, prompts: list[str]) -> None:
+        prefix = f"{job_prefix(self.tenant_id, self.job_id)}/samples"
+        stored = []
+        for index, (image, prompt) in enumerate(zip(images, prompts, strict=True)):
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            key = f"{prefix}/step-{step:08d}-{index}.png"
+            self.storage.put_bytes(key, buffer.getvalue(), content_type="image/png")
+            stored.append({"key": key, "prompt": prompt})
+        with session_scope(self.settings.database_url) as session:
+            jobs.add_event(
+                session=session,
+                job_id=self.job_id,
+                attempt=self.attempt,
+                type="sample",
+                data={"step": step, "images": stored},
+            )
+
+
+def run_training_job(*, job_id: str, settings: Settings, storage: Storage, worker_id: str) -> str | None:
+    """Run one attempt of the job if it can be claimed. Returns the final or interim status."""
+    with session_scope(settings.database_url) as session:
+        attempt = jobs.claim(session=session, job_id=job_id, worker_id=worker_id, lease_s=settings.lease_s)
+        if attempt is None:
+            log.info("job %s is not claimable (duplicate delivery, canceled or finished)", job_id)
+            return None
+        job = session.get(Job, job_id)
+        assert job is not None
+        dataset = session.get(Dataset, job.dataset_id)
+        assert dataset is not None
+    heartbeat = Heartbeat(settings=settings, job_id=job_id, attempt=attempt)
+    heartbeat.start()
+    workdir = Path(tempfile.mkdtemp(prefix=f"atelier-{job_id}-"))
+    try:
+        hooks = JobHooks(
+            settings=settings, storage=storage, job=job, attempt=attempt, heartbeat=heartbeat, workdir=workdir
+        )
+        return _attempt(settings, storage, job, dataset, attempt, hooks, workdir)
+    finally:
+        heartbeat.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _attempt(
+    settings: Settings,
+    storage: Storage,
+    job: Job,
+    dataset: Dataset,
+    attempt: int,
+    hooks: JobHooks,
+    workdir: Path,
+) -> str:
+    from core.training.progress import StopTraining
+
+    attempt_prefix = f"{job_prefix(job.tenant_id, job.id)}/attempt-{attempt}"
+    try:
+        artifact = _train_and_store(settings, storage, job, dataset, hooks, workdir, attempt_prefix)
+        outcome = _finish(settings, job.id, attempt, JobStatus.succeeded, artifact=artifact)
+        if outcome == "lease_lost":
+            storage.delete_prefix(attempt_prefix + "/")  # another attempt owns the job now
+        return outcome
+    except StopTraining as stop:
+        storage.delete_prefix(attempt_prefix + "/")
+        if stop.reason == "canceled":
+            return _finish(settings, job.id, attempt, JobStatus.canceled)
+        log.warning("job %s attempt %s lost its lease; stopping", job.id, attempt)
+        return "lease_lost"
+    except jobs.LeaseLost:
+        storage.delete_prefix(attempt_prefix + "/")
+        return "lease_lost"
+    except PermanentJobError as exc:
+        return _finish(settings, job.id, attempt, JobStatus.failed, code=exc.code, message=str(exc))
+    except Exception as exc:
+        storage.delete_prefix(attempt_prefix + "/")
+        code = _classify(exc)
+        if code == "gpu_oom":
+            return _finish(settings, job.id, attempt, JobStatus.failed, code=code, message=str(exc)[:2000])
+        log.exception("job %s attempt %s failed; releasing it for a retry", job.id, attempt)
+        return _release(settings, job.id, attempt, code, f"{type(exc).__name__}: {exc}"[:2000])
+
+
+def _classify(exc: Exception) -> str:
+    name = type(exc).__name__
+    return "gpu_oom" if name == "OutOfMemoryError" else "training_error"
+
+
+def _train_and_store(
+    settings: Settings,
+    storage: Storage,
+    job: Job,
+    dataset: Dataset,
+    hooks: JobHooks,
+    workdir: Path,
+    prefix: str,
+) -> jobs.ArtifactRecord:
+    from core.artifacts import write_manifest
+    from core.base_loader import load_base
+    from core.datasets import load_items
+    from core.devices import pick_device
+    from core.methods.params import JobSpec
+    from core.training.loop import train
+
+    spec = JobSpec.model_validate(job.spec)
+    items = load_items(storage=storage, dataset_prefix=dataset.storage_prefix)
+    if not items:
+        raise PermanentJobError("dataset_empty", f"dataset {dataset.id} has no images")
+    device, dtype = pick_device(settings)
+    base = load_base(spec.base_model, settings=settings, device=device, dtype=dtype)
+    result = train(spec=spec, base=base, items=items, workdir=workdir, hooks=hooks, device=device)
+    manifest_path = result.artifact_dir / "manifest.json"
+    if not manifest_path.exists():
+        write_manifest(
+            result.artifact_dir,
+            method=spec.params.method,
+            base_model=spec.base_model,
+            base_family=base.family,
+            params=spec.params.model_dump(mode="json"),
+            training=spec.training.model_dump(mode="json"),
+            metrics={
+                "steps": result.steps,
+                "final_loss": result.final_loss,
+                "images_per_s": result.images_per_s,
+            },
+        )
+    manifest_bytes = manifest_path.read_bytes()
+    # The manifest goes last: a reader that finds it knows every file it names is complete.
+    staged = workdir / "upload"
+    shutil.copytree(result.artifact_dir, staged, ignore=shutil.ignore_patterns("manifest.json"))
+    upload_dir(storage, staged, prefix)
+    storage.put_bytes(f"{prefix}/manifest.json", manifest_bytes, content_type="application/json")
+    return jobs.ArtifactRecord(storage_prefix=prefix, manifest=json.loads(manifest_bytes))
+
+
+def _finish(
+    settings: Settings,
+    job_id: str,
+    attempt: int,
+    status: JobStatus,
+    *,
+    artifact: jobs.ArtifactRecord | None = None,
+    code: str | None = None,
+    message: str | None = None,
+) -> str:
+    try:
+        with session_scope(settings.database_url) as session:
+            jobs.finish(
+                session=session,
+                job_id=job_id,
+                attempt=attempt,
+                status=status,
+                artifact=artifact,
+                error_code=code,
+                error_message=message,
+            )
+    except jobs.LeaseLost:
+        log.warning("job %s attempt %s finished after losing its lease; result dropped", job_id, attempt)
+        return "lease_lost"
+    return str(status)
+
+
+def _release(settings: Settings, job_id: str, attempt: int, code: str, message: str) -> str:
+    from worker.app import send_train
+
+    try:
+        with session_scope(settings.database_url) as session:
+            status = jobs.release(
+                session=session, job_id=job_id, attempt=attempt, error_code=code, error_message=message
+            )
+    except jobs.LeaseLost:
+        return "lease_lost"
+    if status == JobStatus.queued:
+        send_train(job_id)
+    return str(status)

@@ -1,0 +1,65 @@
+"""Thin Celery tasks: ids in, core does the work. Delivery semantics are declared here.
+
+acks_late + reject_on_worker_lost re-deliver a message whose worker died; the job row's claim
+makes any duplicate delivery a no-op, and the reaper turns a dead worker into a delay.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+from celery import shared_task
+
+from core import jobs
+from core.config import get_settings
+from core.db import session_scope
+from core.storage import make_storage
+from worker.app import GENERATE_TASK, REAP_TASK, TRAIN_TASK, send_train
+
+log = logging.getLogger(__name__)
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@shared_task(name=TRAIN_TASK, acks_late=True, reject_on_worker_lost=True)
+def train_job(job_id: str) -> str | None:
+    from core.job_runner import run_training_job
+
+    settings = get_settings()
+    return run_training_job(
+        job_id=job_id, settings=settings, storage=make_storage(settings), worker_id=worker_id()
+    )
+
+
+@shared_task(name=GENERATE_TASK, acks_late=True, reject_on_worker_lost=True)
+def generate(generation_id: str) -> str | None:
+    from core.inference import run_generation
+
+    settings = get_settings()
+    return run_generation(generation_id=generation_id, settings=settings, storage=make_storage(settings))
+
+
+@shared_task(name=REAP_TASK, acks_late=True)
+def reap_stale_jobs() -> dict[str, list[str]]:
+    """Re-queue jobs whose worker died and re-send queued jobs whose message was lost."""
+    settings = get_settings()
+    with session_scope(settings.database_url) as session:
+        requeued = jobs.reap_stale(session=session)
+        lost = jobs.undispatched(session=session, older_than_s=settings.queued_redispatch_s)
+    resent = []
+    for job_id in dict.fromkeys(requeued + lost):
+        try:
+            send_train(job_id)
+        except Exception:
+            log.exception("could not re-send job %s", job_id)
+            continue
+        with session_scope(settings.database_url) as session:
+            jobs.mark_dispatched(session=session, job_id=job_id)
+        resent.append(job_id)
+    if requeued or resent:
+        log.info("reaper: requeued %s, re-sent %s", requeued, resent)
+    return {"requeued": requeued, "resent": resent}
