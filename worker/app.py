@@ -9,8 +9,10 @@ import functools
 from typing import Any
 
 from celery import Celery
+from celery.signals import worker_process_init
 
 from core.config import Settings, get_settings
+from core.db import forget_engines
 
 TRAIN_QUEUE = "train"
 GENERATE_QUEUE = "generate"
@@ -74,3 +76,9 @@ def send_train(job_id: str) -> None:
 
 def send_generate(generation_id: str) -> None:
     get_celery().send_task(GENERATE_TASK, args=[generation_id], queue=GENERATE_QUEUE)
+
+
+@worker_process_init.connect
+def _fresh_connections(**_: object) -> None:
+    # A forked pool child must open its own database connections, not share the parent's sockets.
+    forget_engines()

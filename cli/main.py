@@ -1,0 +1,100 @@
+"""`atelier`: server roles (serve, worker, beat), `keys create`, and `demo`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _keys_create(args: argparse.Namespace) -> int:
+    from core.config import get_settings
+    from core.db import session_scope, upgrade
+    from core.tenants import create_key
+
+    settings = get_settings()
+    upgrade(settings.database_url)
+    with session_scope(settings.database_url) as session:
+        key = create_key(session=session, tenant_name=args.tenant)
+    print(f"tenant {key.tenant_name} ({key.tenant_id}), key {key.key_id}", file=sys.stderr)
+    print("the secret is shown once; store it now:", file=sys.stderr)
+    print(key.secret)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from cli.server import run_api
+
+    run_api(host=args.host, port=args.port, with_worker=not args.no_worker)
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from cli.server import run_worker
+
+    run_worker(
+        queues=args.queues,
+        concurrency=args.concurrency,
+        max_tasks_per_child=args.max_tasks_per_child or None,
+        beat=args.beat,
+        loglevel=args.loglevel,
+    )
+    return 0
+
+
+def _beat(args: argparse.Namespace) -> int:
+    from cli.server import run_beat
+
+    run_beat(loglevel=args.loglevel)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from cli.demo import run_demo
+
+    return run_demo(out_dir=args.out, steps=args.steps)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="atelier", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the HTTP API (embedded mode also starts a worker)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--no-worker", action="store_true", help="do not start the embedded worker")
+    serve.set_defaults(func=_serve)
+
+    worker = sub.add_parser("worker", help="run a Celery worker")
+    worker.add_argument("--queues", default="train,generate,maintenance")
+    worker.add_argument("--concurrency", type=int, default=1, help="one per GPU")
+    worker.add_argument("--max-tasks-per-child", type=int, default=1, help="0: keep children (generate)")
+    worker.add_argument("--beat", action="store_true", help="also run the reaper schedule in this process")
+    worker.add_argument("--loglevel", default="INFO")
+    worker.set_defaults(func=_worker)
+
+    beat = sub.add_parser("beat", help="run the reaper schedule")
+    beat.add_argument("--loglevel", default="INFO")
+    beat.set_defaults(func=_beat)
+
+    keys = sub.add_parser("keys", help="API keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_sub.add_parser("create", help="create an API key for a tenant")
+    create.add_argument("--tenant", required=True)
+    create.set_defaults(func=_keys_create)
+
+    demo = sub.add_parser("demo", help="train a LoRA end to end on the embedded service")
+    demo.add_argument("--out", default="atelier-demo", help="folder for the grid and loss curve")
+    demo.add_argument("--steps", type=int, default=None, help="training steps (default: tuned for the demo)")
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""Server roles: the API (`serve`), Celery workers (`worker`), the reaper schedule (`beat`).
+
+In the embedded default `serve` also starts one worker child process (with the beat schedule in
+it) on the filesystem broker, so one command runs the whole service with no other services.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+from core.config import Settings, get_settings
+from core.db import upgrade
+
+log = logging.getLogger(__name__)
+ALL_QUEUES = "train,generate,maintenance"
+
+
+def spawn_worker(
+    *, queues: str = ALL_QUEUES, beat: bool = True, log_file: Path | None = None
+) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "cli.main", "worker", "--queues", queues]
+    if beat:
+        cmd.append("--beat")
+    out = log_file.open("ab") if log_file else None
+    return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None)
+
+
+def run_api(*, host: str, port: int, with_worker: bool) -> None:
+    import uvicorn
+
+    from api.main import create_app
+
+    settings = get_settings()
+    upgrade(settings.database_url)
+    child = None
+    if with_worker and settings.embedded_broker:
+        settings.home.mkdir(parents=True, exist_ok=True)
+        child = spawn_worker(log_file=settings.home / "worker.log")
+        log.info("embedded worker started (pid %s), log %s", child.pid, settings.home / "worker.log")
+    try:
+        uvicorn.run(create_app(), host=host, port=port, log_level="info")
+    finally:
+        if child is not None:
+            child.terminate()
+            try:
+                child.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                child.kill()
+
+
+def run_worker(
+    *,
+    queues: str,
+    concurrency: int = 1,
+    max_tasks_per_child: int | None = 1,
+    beat: bool = False,
+    loglevel: str = "INFO",
+    settings: Settings | None = None,
+) -> None:
+    """One job per process by default: a fresh child per task frees all (GPU) memory afterwards."""
+    from worker.app import get_celery
+
+    settings = settings or get_settings()
+    upgrade(settings.database_url)
+    argv = [
+        "worker",
+        f"--queues={queues}",
+        f"--concurrency={concurrency}",
+        "--pool=prefork",
+        f"--loglevel={loglevel}",
+        "--without-gossip",
+        "--without-mingle",
+    ]
+    if max_tasks_per_child:
+        argv.append(f"--max-tasks-per-child={max_tasks_per_child}")
+    if beat:
+        settings.home.mkdir(parents=True, exist_ok=True)
+        argv += ["--beat", f"--schedule={settings.home / 'celerybeat-schedule'}"]
+    get_celery().worker_main(argv)
+
+
+def run_beat(*, loglevel: str = "INFO") -> None:
+    from worker.app import get_celery
+
+    settings = get_settings()
+    settings.home.mkdir(parents=True, exist_ok=True)
+    get_celery().start(
+        ["beat", f"--loglevel={loglevel}", f"--schedule={settings.home / 'celerybeat-schedule'}"]
+    )
