@@ -38,9 +38,16 @@ class Storage(Protocol):
     def iter_chunks(self, key: str, chunk_size: int = CHUNK) -> Iterator[bytes]: ...
     def exists(self, key: str) -> bool: ...
     def size(self, key: str) -> int: ...
-    def list(self, prefix: str) -> list[str]: ...
+    def list(self, prefix: str) -> list[str]:
+        """Sorted keys below the folder `prefix`: 'jobs/1' and 'jobs/1/' both mean everything under
+        jobs/1/ and never jobs/10/...; '' lists the whole store."""
+        ...
+
     def delete(self, key: str) -> None: ...
-    def delete_prefix(self, prefix: str) -> int: ...
+    def delete_prefix(self, prefix: str) -> int:
+        """Delete what list(prefix) returns and count it; an empty prefix is refused."""
+        ...
+
     def presigned_url(self, key: str, *, expires_s: int = 900, filename: str | None = None) -> str | None:
         """A time-limited GET URL, or None where the backend cannot make one (the API then streams)."""
         ...
@@ -55,6 +62,16 @@ def _check_key(key: str) -> str:
     if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\\" in key:
         raise ValueError(f"invalid storage key {key!r}")
     return key
+
+
+def _folder_prefix(prefix: str, *, allow_root: bool) -> str:
+    """Prefixes name folders, not string starts: a raw S3 prefix 'jobs/1' would also match
+    jobs/10/..., and delete_prefix(f"jobs/{id}") would then delete other jobs' files."""
+    if not prefix:
+        if not allow_root:
+            raise ValueError("an empty prefix would mean every object")
+        return ""
+    return _check_key(prefix.removesuffix("/")) + "/"
 
 
 def upload_dir(storage: Storage, local_dir: Path, prefix: str) -> list[str]:
@@ -142,28 +159,23 @@ class LocalStorage:
             raise ObjectNotFound(key) from None
 
     def list(self, prefix: str) -> list[str]:
-        base = self.root / prefix.rstrip("/") if prefix.strip("/") else self.root
-        search = base if base.is_dir() else base.parent
-        if not search.is_dir():
+        folder = self.root / _folder_prefix(prefix, allow_root=True)
+        if not folder.is_dir():
             return []
-        keys = []
-        for path in search.rglob("*"):
-            if path.is_file() and not path.name.startswith(".tmp-"):
-                key = path.relative_to(self.root).as_posix()
-                if key.startswith(prefix):
-                    keys.append(key)
-        return sorted(keys)
+        files = (p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".tmp-"))
+        return sorted(p.relative_to(self.root).as_posix() for p in files)
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
 
     def delete_prefix(self, prefix: str) -> int:
-        keys = self.list(prefix)
+        keys = self.list(_folder_prefix(prefix, allow_root=False))
         for key in keys:
             self.delete(key)
         return len(keys)
 
     def presigned_url(self, key: str, *, expires_s: int = 900, filename: str | None = None) -> str | None:
+        _check_key(key)  # a bad key is a bug on every backend, even where no URL comes back
         return None
 
     def check(self) -> None:
