@@ -234,6 +234,14 @@ class _DatasetBuilder:
             ],
         }
         self._put(f"{self.prefix}/{MANIFEST}", json.dumps(manifest).encode(), "application/json")
+        log.info(
+            "dataset stored",
+            extra={
+                "dataset_prefix": self.prefix,
+                "accepted": len(self.accepted),
+                "rejected": len(self.rejected),
+            },
+        )
         return ValidationReport(accepted=self.accepted, rejected=self.rejected)
 
     def discard(self) -> None:

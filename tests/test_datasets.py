@@ -15,7 +15,7 @@ import zlib
 from pathlib import Path
 
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
 from core.config import Settings
 from core.datasets import DatasetRejected, ValidationReport, ingest_upload, load_items
@@ -451,3 +451,13 @@ def test_prefix_must_be_empty(storage: LocalStorage, settings: Settings) -> None
     ingest({"a.png": png()}, storage, settings)
     with pytest.raises(ValueError, match="not empty"):
         ingest({"b.png": png()}, storage, settings)
+
+
+def test_refuses_to_validate_with_truncated_loading_on(
+    storage: LocalStorage, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The switch is process-wide; with it on, truncated files would pass validation.
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    with pytest.raises(RuntimeError, match="LOAD_TRUNCATED_IMAGES"):
+        ingest({"a.png": png(), "b.png": png()}, storage, settings)
+    assert storage.list(PREFIX) == []
