@@ -25,12 +25,14 @@ REAP_TASK = "atelier.reap_stale_jobs"
 def _broker_options(settings: Settings) -> dict[str, Any]:
     if settings.embedded_broker:
         folder = settings.broker_folder
-        for sub in ("queue", "processed"):
+        for sub in ("queue", "processed", "control"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
         return {
             "data_folder_in": str(folder / "queue"),
             "data_folder_out": str(folder / "queue"),
             "processed_folder": str(folder / "processed"),
+            # exchange bindings: shared by the API and worker processes, not the working directory
+            "control_folder": str(folder / "control"),
             "store_processed": False,
         }
     # Redis re-delivers an unacked message after the visibility timeout; keep it above the longest
