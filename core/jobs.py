@@ -298,8 +298,12 @@ def reap_stale(*, session: Session) -> list[str]:
     Returns the ids that went back to queued, for the caller to re-send to the broker.
     """
     now = utcnow()
+    # populate_existing: a job this session loaded earlier must be judged by its row now, or a stale
+    # attempt number fences the reaper itself out and the dead worker's job is never re-queued.
     stale = session.scalars(
-        select(Job).where(Job.status == JobStatus.running, Job.lease_expires_at < now)
+        select(Job)
+        .where(Job.status == JobStatus.running, Job.lease_expires_at < now)
+        .execution_options(populate_existing=True)
     ).all()
     requeued = []
     for job in stale:
