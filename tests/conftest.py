@@ -4,3 +4,5 @@ from tests.s3_server import s3_server, s3_settings  # noqa: F401
 
 # Real processes against real services (owned with tests/service_stack.py).
 from tests.service_stack import embedded_stack, full_stack, postgres_url, redis_url  # noqa: F401
+
+pytest_plugins = ["tests.db_fixtures"]
