@@ -1,0 +1,284 @@
+"""Everything the frozen parts of the base compute, computed once per job.
+
+The VAE never trains, so each image's latent distribution (mean and std, both flips when flipping is
+on) is encoded once; each step then only samples `mean + std * noise`, as the diffusers recipe does
+when it encodes every step. Captions are encoded once per distinct caption when the text encoders
+are frozen; when one trains, only the token ids are kept and the method encodes them every step.
+The cache lives on the training device when it fits (no copies per step) and in pinned host memory
+otherwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from core.training.buckets import BucketSampler, Placement, assign, resize_and_crop
+
+ENCODE_CHUNK = 8
+TEXT_CHUNK = 32
+# Keep the cache on the GPU below this size; above it, pinned host memory and async copies.
+DEVICE_CACHE_BYTES = 4 << 30
+
+
+class CaptionedImage(Protocol):
+    image: Any  # PIL image
+    caption: str | None
+
+
+@dataclass
+class Batch:
+    """One micro-batch as the methods see it; optional fields depend on the base and the method."""
+
+    latents: torch.Tensor
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+    encoder_hidden_states: torch.Tensor | None = None  # cached text embeddings
+    pooled_embeds: torch.Tensor | None = None  # SDXL: cached pooled embeddings of encoder 2
+    input_ids: torch.Tensor | None = None  # when a text encoder trains
+    input_ids_2: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None  # SDXL micro-conditioning
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+
+def bucket_step(base: Any) -> int:
+    """Pixel multiple every bucket side must have: VAE factor × UNet down-sampling (at least 8×)."""
+    vae_factor = 2 ** (len(base.vae.config.block_out_channels) - 1)
+    unet_factor = 2 ** (len(base.unet.config.down_block_types) - 1)
+    return vae_factor * max(8, unet_factor)
+
+
+def tokenize(base: Any, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def ids(tokenizer: Any) -> torch.Tensor:
+        return tokenizer(
+            captions,
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+
+    return ids(base.tokenizer), (ids(base.tokenizer_2) if base.tokenizer_2 is not None else None)
+
+
+def encode_text(
+    base: Any, input_ids: torch.Tensor, input_ids_2: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Prompt embeddings as the base's pipeline makes them: (hidden states, pooled or None).
+
+    SD1/2 use the last hidden state. SDXL concatenates the penultimate hidden states of both
+    encoders and takes the pooled (projected) embedding from encoder 2.
+    """
+    if base.text_encoder_2 is None:
+        return base.text_encoder(input_ids)[0], None
+    first = base.text_encoder(input_ids, output_hidden_states=True).hidden_states[-2]
+    second = base.text_encoder_2(input_ids_2, output_hidden_states=True)
+    hidden = torch.cat([first, second.hidden_states[-2]], dim=-1)
+    return hidden, second[0]
+
+
+def to_pixels(image: Any) -> torch.Tensor:
+    """PIL RGB image -> float tensor (3, H, W) in [-1, 1]."""
+    array = np.asarray(image.convert("RGB"), dtype=np.float32)
+    return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0
+
+
+@dataclass
+class BucketCache:
+    size: tuple[int, int]  # (width, height) in pixels
+    mean: torch.Tensor  # (n, flips, C, h, w), scaled latent space
+    std: torch.Tensor
+    time_ids: torch.Tensor  # (n, flips, 6): original size, crop top-left, target size (all h, w)
+    caption_index: torch.Tensor  # (n,)
+
+
+@dataclass
+class TextCache:
+    hidden: torch.Tensor | None  # (captions, L, D) when the text encoders are frozen
+    pooled: torch.Tensor | None
+    input_ids: torch.Tensor | None  # (captions, L) when a text encoder trains
+    input_ids_2: torch.Tensor | None
+
+
+def _time_ids(placement: Placement, flipped: bool) -> list[float]:
+    width, height = placement.size
+    top, left = placement.crop_top_left
+    if flipped:  # the crop's left edge, seen in the mirrored image
+        left = placement.resized[0] - left - width
+    return [placement.original[1], placement.original[0], top, left, height, width]
+
+
+@torch.no_grad()
+def _encode_latents(vae: Any, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = vae.config.scaling_factor
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    means, stds = [], []
+    for chunk in pixels.split(ENCODE_CHUNK):
+        dist = vae.encode(chunk.to(vae.device, vae.dtype)).latent_dist
+        means.append((dist.mean.float() - shift) * scale)
+        stds.append(dist.std.float() * scale)
+    return torch.cat(means), torch.cat(stds)
+
+
+def _cache_bucket(
+    base: Any, images: list[Any], placements: list[Placement], caption_index: list[int], flips: int
+) -> BucketCache:
+    views, time_ids = [], []
+    for image, placement in zip(images, placements, strict=True):
+        pixels = to_pixels(resize_and_crop(image, placement))
+        views += [pixels, pixels.flip(-1)][:flips]
+        time_ids.append([_time_ids(placement, flipped) for flipped in (False, True)[:flips]])
+    mean, std = _encode_latents(base.vae, torch.stack(views))
+    n = len(images)
+    return BucketCache(
+        size=placements[0].size,
+        mean=mean.view(n, flips, *mean.shape[1:]),
+        std=std.view(n, flips, *std.shape[1:]),
+        time_ids=torch.tensor(time_ids, dtype=torch.float32),
+        caption_index=torch.tensor(caption_index, dtype=torch.long),
+    )
+
+
+@torch.no_grad()
+def _cache_text(base: Any, captions: list[str], *, encode: bool) -> TextCache:
+    input_ids, input_ids_2 = tokenize(base, captions)
+    if not encode:
+        return TextCache(None, None, input_ids, input_ids_2)
+    device = base.text_encoder.device
+    hidden, pooled = [], []
+    for start in range(0, len(captions), TEXT_CHUNK):
+        part = slice(start, start + TEXT_CHUNK)
+        ids_2 = input_ids_2[part].to(device) if input_ids_2 is not None else None
+        h, p = encode_text(base, input_ids[part].to(device), ids_2)
+        hidden.append(h)
+        pooled.append(p)
+    return TextCache(torch.cat(hidden), None if pooled[0] is None else torch.cat(pooled), None, None)
+
+
+def step_generators(seed: int, index: int, device: torch.device) -> tuple[torch.Generator, torch.Generator]:
+    """(host, device) generators for micro-batch `index`, seeded from (seed, index) alone."""
+    state = np.random.SeedSequence([seed, index]).generate_state(2, dtype=np.uint32)
+    derived = (int(state[0]) << 31) ^ int(state[1])
+    host = torch.Generator("cpu").manual_seed(derived)
+    on_device = host if device.type == "cpu" else torch.Generator(device).manual_seed(derived)
+    return host, on_device
+
+
+class TrainingData:
+    """The cached dataset and the data order: micro-batch `index` is a pure function of (seed, index)."""
+
+    def __init__(
+        self,
+        buckets: list[BucketCache],
+        text: TextCache,
+        *,
+        batch_size: int,
+        seed: int,
+        noise_offset: float,
+        num_train_timesteps: int,
+        device: torch.device,
+    ) -> None:
+        self.seed, self.device = seed, device
+        self.noise_offset, self.num_train_timesteps = noise_offset, num_train_timesteps
+        self.sampler = BucketSampler([len(b.caption_index) for b in buckets], batch_size, seed)
+        self.image_count = sum(len(b.caption_index) for b in buckets)
+        nbytes = sum(t.nbytes for b in buckets for t in (b.mean, b.std))
+        # On CUDA a cache that fits stays on the GPU; a larger one waits in pinned host memory.
+        self._store = torch.device("cpu") if nbytes > DEVICE_CACHE_BYTES else device
+        pin = self._store.type == "cpu" and device.type == "cuda"
+        self.buckets = [
+            BucketCache(b.size, *(self._keep(t, pin) for t in (b.mean, b.std, b.time_ids, b.caption_index)))
+            for b in buckets
+        ]
+        self.text = TextCache(
+            *(self._keep(t, pin) for t in (text.hidden, text.pooled, text.input_ids, text.input_ids_2))
+        )
+
+    def _keep(self, tensor: torch.Tensor | None, pin: bool) -> torch.Tensor | None:
+        if tensor is None:
+            return None
+        tensor = tensor.to(self._store)
+        return tensor.pin_memory() if pin else tensor
+
+    def _gather(self, tensor: torch.Tensor | None, *index: torch.Tensor) -> torch.Tensor | None:
+        if tensor is None:
+            return None
+        picked = tensor[index]
+        if picked.device != self.device:
+            picked = picked.pin_memory().to(self.device, non_blocking=True)
+        return picked
+
+    def micro_batch(self, index: int) -> Batch:
+        bucket_no, rows = self.sampler.batch(index)
+        bucket = self.buckets[bucket_no]
+        host, on_device = step_generators(self.seed, index, self.device)
+        flips = torch.randint(0, bucket.mean.shape[1], (len(rows),), generator=host).to(self._store)
+        rows_t = torch.tensor(rows, dtype=torch.long).to(self._store)
+        mean, std = self._gather(bucket.mean, rows_t, flips), self._gather(bucket.std, rows_t, flips)
+        latents = mean + std * torch.randn(mean.shape, generator=on_device, device=self.device)
+        noise = torch.randn(latents.shape, generator=on_device, device=self.device)
+        if self.noise_offset:
+            # Offset noise (per image and channel) lets the model learn very dark / very bright images.
+            offset = torch.randn(latents.shape[:2], generator=on_device, device=self.device)
+            noise = noise + self.noise_offset * offset[:, :, None, None]
+        timesteps = torch.randint(
+            0, self.num_train_timesteps, (len(rows),), generator=on_device, device=self.device
+        )
+        captions = bucket.caption_index[rows_t]
+        return Batch(
+            latents=latents,
+            noise=noise,
+            timesteps=timesteps,
+            encoder_hidden_states=self._gather(self.text.hidden, captions),
+            pooled_embeds=self._gather(self.text.pooled, captions),
+            input_ids=self._gather(self.text.input_ids, captions),
+            input_ids_2=self._gather(self.text.input_ids_2, captions),
+            time_ids=self._gather(bucket.time_ids, rows_t, flips),
+        )
+
+
+def build_training_data(
+    *,
+    base: Any,
+    items: list[CaptionedImage],
+    resolution: int,
+    random_flip: bool,
+    encode_captions: bool,
+    batch_size: int,
+    seed: int,
+    noise_offset: float,
+    device: torch.device,
+) -> TrainingData:
+    """Bucket, encode and cache `items` once; `encode_captions=False` keeps token ids instead."""
+    if not items:
+        raise ValueError("the dataset has no images")
+    images = [item.image for item in items]
+    captions = [item.caption or "" for item in items]
+    unique = sorted(set(captions))
+    caption_index = [unique.index(c) for c in captions]
+    placements, groups = assign([image.size for image in images], resolution, bucket_step(base))
+    flips = 2 if random_flip else 1
+    buckets = [
+        _cache_bucket(
+            base,
+            [images[i] for i in members],
+            [placements[i] for i in members],
+            [caption_index[i] for i in members],
+            flips,
+        )
+        for members in groups.values()
+    ]
+    return TrainingData(
+        buckets,
+        _cache_text(base, unique, encode=encode_captions),
+        batch_size=batch_size,
+        seed=seed,
+        noise_offset=noise_offset,
+        num_train_timesteps=int(base.noise_scheduler.config.num_train_timesteps),
+        device=device,
+    )

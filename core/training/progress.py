@@ -1,0 +1,100 @@
+"""How the training loop talks to its owner: one hooks object, nothing else.
+
+The worker's hooks renew the lease, record progress and checkpoints (fenced by `attempt`) and raise
+`StopTraining` when a cancel is requested or the lease is lost. The bench, the CLI and tests use
+`NullHooks` or `ConsoleHooks`. The loop calls `.item()` on the loss only when `should_report` says so,
+so a hooks object that reports rarely keeps the GPU free of host syncs.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+from tqdm import tqdm
+
+
+class StopTraining(Exception):
+    """Raised by hooks to end training early; the loop lets it propagate to the owner."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class TrainingHooks(Protocol):
+    def should_report(self, step: int) -> bool: ...
+
+    def progress(self, *, step: int, total: int, loss: float, images_per_s: float) -> None: ...
+
+    def save_checkpoint(self, *, step: int, folder: Path) -> None: ...
+
+    def load_checkpoint(self) -> tuple[int, Path] | None: ...
+
+    def save_samples(self, *, step: int, images: list[Any], prompts: list[str]) -> None: ...
+
+
+class Throttle:
+    """True at most once per `interval_s` (and always for the first call)."""
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self._last: float | None = None
+
+    def __call__(self) -> bool:
+        now = time.monotonic()
+        if self._last is None or now - self._last >= self.interval_s:
+            self._last = now
+            return True
+        return False
+
+
+class NullHooks:
+    """Reports nothing, keeps no checkpoints; `report_every` steps force a report (tests use 1)."""
+
+    def __init__(self, report_every: int | None = None) -> None:
+        self.report_every = report_every
+
+    def should_report(self, step: int) -> bool:
+        return self.report_every is not None and step % self.report_every == 0
+
+    def progress(self, *, step: int, total: int, loss: float, images_per_s: float) -> None:
+        return None
+
+    def save_checkpoint(self, *, step: int, folder: Path) -> None:
+        return None
+
+    def load_checkpoint(self) -> tuple[int, Path] | None:
+        return None
+
+    def save_samples(self, *, step: int, images: list[Any], prompts: list[str]) -> None:
+        return None
+
+
+class ConsoleHooks(NullHooks):
+    """A tqdm bar (step/total, loss, img/s, ETA) for the bench and the CLI; samples go to a folder."""
+
+    def __init__(self, *, interval_s: float = 1.0, samples_dir: Path | None = None) -> None:
+        super().__init__()
+        self._throttle = Throttle(interval_s)
+        self._bar: tqdm | None = None
+        self._samples_dir = samples_dir
+
+    def should_report(self, step: int) -> bool:
+        return self._throttle()
+
+    def progress(self, *, step: int, total: int, loss: float, images_per_s: float) -> None:
+        if self._bar is None:
+            self._bar = tqdm(total=total, unit="step", dynamic_ncols=True)
+        self._bar.update(step - self._bar.n)
+        self._bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images_per_s:.1f}")
+        if step >= total:
+            self._bar.close()
+
+    def save_samples(self, *, step: int, images: list[Any], prompts: list[str]) -> None:
+        if self._samples_dir is None:
+            return
+        self._samples_dir.mkdir(parents=True, exist_ok=True)
+        for index, image in enumerate(images):
+            image.save(self._samples_dir / f"step{step:06d}_{index}.png")
