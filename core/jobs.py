@@ -235,11 +235,16 @@ def finish(
 
 
 def release(*, session: Session, job_id: str, attempt: int, error_code: str, error_message: str) -> JobStatus:
-    """A transient failure of this attempt: back to queued, or failed once attempts are used up."""
+    """A transient failure of this attempt: back to queued, failed once attempts are used up, or
+    canceled when cancellation was requested meanwhile."""
     job = session.get(Job, job_id, populate_existing=True)
     if job is None or job.attempt != attempt or job.status != JobStatus.running:
         session.rollback()
         raise LeaseLost(job_id, attempt)
+    if job.cancel_requested:
+        # The user asked to stop: a re-queued job would be refused by claim and sit queued for ever.
+        finish(session=session, job_id=job_id, attempt=attempt, status=JobStatus.canceled)
+        return JobStatus.canceled
     if job.attempt >= job.max_attempts:
         finish(
             session=session,

@@ -111,6 +111,11 @@ def cancel(m: Machine) -> Any:
         return JobStatus(jobs.request_cancel(session=session, job=job).status)
 
 
+def flag_cancel(m: Machine) -> None:
+    # Not reachable through request_cancel today; claim's guard must hold whatever path sets the flag.
+    m.set(cancel_requested=True)
+
+
 def expire(m: Machine) -> None:
     m.set(lease_expires_at=utcnow() - timedelta(seconds=1))
 
@@ -172,6 +177,15 @@ CASES = [
     Case("cancel a finished job changes nothing", (claim, finish(1)), cancel, "succeeded", "succeeded", 1),
     Case("release -> queued", (claim,), release(1), JobStatus.queued, JobStatus.queued, 1),
     Case("claim after release -> attempt 2", (claim, release(1)), claim, 2, JobStatus.running, 2),
+    Case(
+        "release of a cancel-requested job -> canceled",
+        (claim, cancel),
+        release(1),
+        JobStatus.canceled,
+        JobStatus.canceled,
+        1,
+    ),
+    Case("claim refuses a queued job flagged for cancel", (flag_cancel,), claim, None, JobStatus.queued, 0),
     Case("release by a stale attempt", (claim,), release(2), LeaseLost, JobStatus.running, 1),
     Case(
         "release of the last attempt -> failed",
