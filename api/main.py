@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -29,18 +30,43 @@ def _problem(request: Request, error: ApiError) -> JSONResponse:
     )
 
 
+def _json_pointer(loc: list[Any], body: Any) -> str:
+    """RFC 6901 pointer into the request body for a pydantic error location.
+
+    pydantic puts a discriminated union's tag ("lora") into the location, but the client's document
+    has no such key: walking the body drops it, so `/params/lora/rank` becomes `/params/rank`.
+    """
+    parts: list[str] = []
+    node = body
+    for segment in loc:
+        if isinstance(node, dict) and segment not in node and segment in node.values():
+            continue
+        parts.append(str(segment))
+        if isinstance(node, dict):
+            node = node.get(segment)
+        elif isinstance(node, list) and isinstance(segment, int) and 0 <= segment < len(node):
+            node = node[segment]
+        else:
+            node = None
+    return "".join("/" + p.replace("~", "~0").replace("/", "~1") for p in parts)
+
+
 def _validation_errors(exc: RequestValidationError) -> list[dict]:
     out = []
     for err in exc.errors():
-        loc = [str(p) for p in err.get("loc", ())]
-        out.append(
-            {
-                "pointer": "/" + "/".join(loc[1:] if loc and loc[0] == "body" else loc),
-                "location": loc[0] if loc else None,
-                "message": err.get("msg"),
-                "type": err.get("type"),
-            }
-        )
+        loc = list(err.get("loc", ()))
+        where = str(loc[0]) if loc else None
+        ctx = err.get("ctx") or {}
+        if err.get("type") == "json_invalid":
+            # loc carries a character offset, not a field: the whole document is at fault.
+            pointer, message = "", f"{err.get('msg')}: {ctx.get('error', '')}".rstrip(": ")
+        else:
+            path = loc[1:] if where == "body" else loc
+            if err.get("type") in ("union_tag_invalid", "union_tag_not_found"):
+                path.append(str(ctx.get("discriminator", "")).strip("'"))  # the field to fix
+            pointer = _json_pointer(path, exc.body if where == "body" else None)
+            message = err.get("msg")
+        out.append({"pointer": pointer, "location": where, "message": message, "type": err.get("type")})
     return out
 
 
@@ -52,7 +78,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = _validation_errors(exc)
-        named = "; ".join(f"{e['pointer']}: {e['message']}" for e in errors[:5])
+        named = "; ".join(f"{e['pointer']}: {e['message']}".lstrip(": ") for e in errors[:5])
         return _problem(
             request, ApiError(422, "invalid_request", f"the request is invalid: {named}", errors=errors)
         )
