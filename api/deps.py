@@ -33,14 +33,16 @@ def get_db(settings: SettingsDep) -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(get_db)]
 
 
-_storages: dict[int, Storage] = {}
+_storages: dict[int, tuple[Settings, Storage]] = {}
 
 
 def get_storage(settings: SettingsDep) -> Storage:
-    # One client per Settings object: boto3 clients are costly to build and safe to share.
+    # One client per Settings object: boto3 clients are costly to build and safe to share. The entry
+    # keeps its Settings alive: once freed, its id could be reused by new settings (tests, after
+    # reset_settings) that would then get the old object's storage.
     if id(settings) not in _storages:
-        _storages[id(settings)] = make_storage(settings)
-    return _storages[id(settings)]
+        _storages[id(settings)] = (settings, make_storage(settings))
+    return _storages[id(settings)][1]
 
 
 StorageDep = Annotated[Storage, Depends(get_storage)]
