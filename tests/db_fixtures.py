@@ -186,10 +186,14 @@ def api_client(api_settings: Settings, sent_tasks: SentTasks) -> Iterator[TestCl
 
 
 def make_api_tenant(
-    settings: Settings, name: str | None = None, *, dataset_status: str = DatasetStatus.ready
+    settings: Settings,
+    name: str | None = None,
+    *,
+    dataset_status: str = DatasetStatus.ready,
+    image_count: int = 5,
 ) -> ApiTenant:
     """A tenant, its API key and one dataset (ready, 5 images unless told otherwise)."""
     with session_scope(settings.database_url) as session:
         key = create_key(session=session, tenant_name=name or f"tenant-{uuid.uuid4().hex[:8]}")
-        dataset_id = insert_dataset(session, key.tenant_id, status=dataset_status)
+        dataset_id = insert_dataset(session, key.tenant_id, status=dataset_status, image_count=image_count)
     return ApiTenant(tenant_id=key.tenant_id, key=key, dataset_id=dataset_id)
