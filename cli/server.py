@@ -15,13 +15,13 @@ from core.config import Settings, get_settings
 from core.db import upgrade
 
 log = logging.getLogger(__name__)
-ALL_QUEUES = "train,generate,maintenance"
 
 
 def spawn_worker(
-    *, queues: str = ALL_QUEUES, beat: bool = True, log_file: Path | None = None
+    *, queues: str, beat: bool, max_tasks_per_child: int, log_file: Path | None = None
 ) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "cli.main", "worker", "--queues", queues]
+    cmd += ["--max-tasks-per-child", str(max_tasks_per_child)]
     if beat:
         cmd.append("--beat")
     out = log_file.open("ab") if log_file else None
@@ -35,20 +35,31 @@ def run_api(*, host: str, port: int, with_worker: bool) -> None:
 
     settings = get_settings()
     upgrade(settings.database_url)
-    child = None
+    children = []
     if with_worker and settings.embedded_broker:
         settings.home.mkdir(parents=True, exist_ok=True)
-        child = spawn_worker(log_file=settings.home / "worker.log")
-        log.info("embedded worker started (pid %s), log %s", child.pid, settings.home / "worker.log")
+        log_file = settings.home / "worker.log"
+        # Training gets a fresh process per job; generation and the reaper keep theirs, so the
+        # reaper still runs while a long job trains.
+        children.append(spawn_worker(queues="train", beat=False, max_tasks_per_child=1, log_file=log_file))
+        children.append(
+            spawn_worker(queues="generate,maintenance", beat=True, max_tasks_per_child=0, log_file=log_file)
+        )
+        log.info("embedded workers started, log %s", log_file)
     try:
         uvicorn.run(create_app(), host=host, port=port, log_level="info")
     finally:
-        if child is not None:
-            child.terminate()
-            try:
-                child.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                child.kill()
+        _stop(children)
+
+
+def _stop(children: list[subprocess.Popen]) -> None:
+    for child in children:
+        child.terminate()
+    for child in children:
+        try:
+            child.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            child.kill()
 
 
 def run_worker(

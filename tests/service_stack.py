@@ -55,7 +55,10 @@ class Stack:
     def _spawn(self, name: str, *args: str) -> subprocess.Popen:
         log = (self.home / f"{name}.log").open("ab")
         process = subprocess.Popen(
-            [sys.executable, "-m", "cli.main", *args], env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            [sys.executable, "-m", "cli.main", *args],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         self.processes[name] = process
@@ -75,9 +78,19 @@ class Stack:
                 time.sleep(0.3)
         raise AssertionError(f"API did not start:\n{self.log('api')}")
 
-    def start_worker(self, name: str = "worker", *, queues: str = "train,generate,maintenance",
-                     beat: bool = True) -> subprocess.Popen:
-        return self._spawn(name, "worker", "--queues", queues, *(["--beat"] if beat else []))
+    def start_workers(self) -> subprocess.Popen:
+        """A training worker (fresh process per job) and a generate+maintenance worker with beat,
+        the production topology; returns the training worker."""
+        self._spawn(
+            "worker-generate",
+            "worker",
+            "--queues",
+            "generate,maintenance",
+            "--beat",
+            "--max-tasks-per-child",
+            "0",
+        )
+        return self._spawn("worker", "worker", "--queues", "train", "--max-tasks-per-child", "1")
 
     def client(self, tenant: str = "acme") -> AtelierClient:
         upgrade(self.database_url)

@@ -43,7 +43,10 @@ def _wait_for(predicate, timeout_s: float, what: str, stack: Stack):  # type: ig
         if value:
             return value
         time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}\n--- worker log ---\n{stack.log('worker')}")
+    raise AssertionError(
+        f"timed out waiting for {what}\n--- worker logs ---\n"
+        f"{stack.log('worker')}\n{stack.log('worker-generate')}"
+    )
 
 
 def _train_generate_download(stack: Stack, tmp_path: Path) -> None:
@@ -66,8 +69,15 @@ def _train_generate_download(stack: Stack, tmp_path: Path) -> None:
     types = [e["type"] for e in client.get(f"/v1/jobs/{job['id']}/events", limit=1000)["data"]]
     assert types[0] == "created" and "started" in types and "checkpoint" in types and types[-1] == "succeeded"
 
-    gen = client.generate({"base_model": "tiny-sd", "prompt": PROMPT, "steps": 4, "seed": 3,
-                           "loras": [{"artifact_id": artifact["id"], "scale": 1.0}]})
+    gen = client.generate(
+        {
+            "base_model": "tiny-sd",
+            "prompt": PROMPT,
+            "steps": 4,
+            "seed": 3,
+            "loras": [{"artifact_id": artifact["id"], "scale": 1.0}],
+        }
+    )
     gen = client.wait_generation(gen["id"], timeout_s=300)
     assert gen["status"] == "succeeded", gen["error"]
     image = Image.open(io.BytesIO(client.fetch(gen["images"][0]["url"])))
@@ -82,7 +92,7 @@ def _train_generate_download(stack: Stack, tmp_path: Path) -> None:
 
 def test_full_stack_train_generate_download(full_stack: Stack, tmp_path: Path) -> None:
     full_stack.start_api()
-    full_stack.start_worker()
+    full_stack.start_workers()
     ready = full_stack.client().get("/readyz")
     assert ready["status"] == "ready", ready
     _train_generate_download(full_stack, tmp_path)
@@ -100,7 +110,7 @@ def _pool_child(worker: psutil.Process) -> psutil.Process | None:
 
 def test_killed_worker_job_resumes_from_checkpoint_once(full_stack: Stack, tmp_path: Path) -> None:
     full_stack.start_api()
-    worker = psutil.Process(full_stack.start_worker().pid)
+    worker = psutil.Process(full_stack.start_workers().pid)
     client = full_stack.client()
     dataset_id = _upload(client, tmp_path)
     job = client.create_job(_job_body(dataset_id, max_steps=400, checkpoint_every=20))

@@ -59,7 +59,12 @@ def make_celery(settings: Settings) -> Celery:
         },
         task_default_queue=MAINTENANCE_QUEUE,
         beat_schedule={
-            "reap-stale-jobs": {"task": REAP_TASK, "schedule": settings.reap_interval_s},
+            # `expires`: a reap message that waited longer than one interval is dropped, not run late.
+            "reap-stale-jobs": {
+                "task": REAP_TASK,
+                "schedule": settings.reap_interval_s,
+                "options": {"expires": settings.reap_interval_s},
+            },
         },
         worker_hijack_root_logger=False,
         include=["worker.tasks"],
