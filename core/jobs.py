@@ -93,6 +93,14 @@ def create_job(
     return job, True
 
 
+def find_replay(*, session: Session, tenant_id: str, spec: JobSpec, idempotency_key: str) -> Job | None:
+    """The job an earlier request with this key created, checked against this body; None if new."""
+    existing = _find_by_key(session, tenant_id, idempotency_key)
+    if existing is None:
+        return None
+    return _replay(existing, idempotency_key, request_hash(spec.model_dump(mode="json")))
+
+
 def _find_by_key(session: Session, tenant_id: str, key: str) -> Job | None:
     return session.scalar(select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == key))
 
@@ -257,12 +265,14 @@ def release(*, session: Session, job_id: str, attempt: int, error_code: str, err
         return JobStatus.failed
     result = session.execute(
         update(Job)
-        .where(_fenced(job_id, attempt))
+        .where(_fenced(job_id, attempt), Job.cancel_requested.is_(False))
         .values(status=JobStatus.queued, lease_expires_at=None, worker_id=None, dispatched_at=None)
     )
     if result.rowcount == 0:
+        # Either the lease is gone or a cancel landed since the read above; finish() tells which.
         session.rollback()
-        raise LeaseLost(job_id, attempt)
+        finish(session=session, job_id=job_id, attempt=attempt, status=JobStatus.canceled)
+        return JobStatus.canceled
     add_event(
         session=session,
         job_id=job_id,

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from core.base_models import list_base_models
 from fastapi import APIRouter
 
 from api.deps import SettingsDep
+from core.base_models import list_base_models
 from core.methods.params import method_schemas
 
 router = APIRouter(prefix="/v1", tags=["catalog"])

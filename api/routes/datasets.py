@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from core.datasets import DatasetRejected, ingest_upload
 from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 from sqlalchemy import select
 
 from api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
 from api.pagination import page
 from api.schemas import DatasetPublic, DatasetsPublic
+from core.datasets import DatasetRejected, ingest_upload
 from core.errors import ApiError, not_found
 from core.ids import new_id
 from core.models import Dataset, DatasetStatus, Job, JobStatus

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 
-from core.base_models import BaseModelNotAllowed, get_base_model_info
 from fastapi import APIRouter, Request
 
 from api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
 from api.files import file_url
 from api.routes.artifacts import get_owned_artifact
 from api.schemas import GenerationCreate, GenerationPublic
+from core.base_models import BaseModelNotAllowed, get_base_model_info
 from core.errors import ApiError, not_found
 from core.ids import new_id
 from core.models import Generation, JobStatus

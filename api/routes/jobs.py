@@ -8,7 +8,6 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from core.base_models import BaseModelNotAllowed, get_base_model_info
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from sqlalchemy import select
@@ -19,6 +18,7 @@ from api.pagination import page
 from api.routes.datasets import get_owned_dataset
 from api.schemas import EventPublic, EventsPublic, JobCreate, JobPublic, JobsPublic
 from core import jobs
+from core.base_models import BaseModelNotAllowed, get_base_model_info
 from core.db import new_session
 from core.errors import ApiError, not_found
 from core.methods.params import METHOD_INFO
@@ -47,6 +47,12 @@ def _check_inputs(session: SessionDep, settings: SettingsDep, tenant_id: str, bo
         )
 
 
+def _replayed(response: Response, job: Job) -> JobPublic:
+    response.status_code = 200
+    response.headers["Idempotent-Replayed"] = "true"
+    return JobPublic.from_row(job)
+
+
 @router.post("", status_code=201, response_model=JobPublic)
 def create_job(
     body: JobCreate,
@@ -56,8 +62,15 @@ def create_job(
     tenant_id: TenantDep,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> JobPublic:
-    _check_inputs(session, settings, tenant_id, body)
     try:
+        # A retried create answers with the job it made, even if its inputs changed since.
+        if idempotency_key:
+            replay = jobs.find_replay(
+                session=session, tenant_id=tenant_id, spec=body, idempotency_key=idempotency_key
+            )
+            if replay is not None:
+                return _replayed(response, replay)
+        _check_inputs(session, settings, tenant_id, body)
         job, created = jobs.create_job(
             session=session,
             tenant_id=tenant_id,
@@ -68,9 +81,7 @@ def create_job(
     except jobs.IdempotencyConflict as exc:
         raise ApiError(422, "idempotency_key_reused", str(exc)) from exc
     if not created:
-        response.status_code = 200
-        response.headers["Idempotent-Replayed"] = "true"
-        return JobPublic.from_row(job)
+        return _replayed(response, job)
     try:
         send_train(job.id)
         jobs.mark_dispatched(session=session, job_id=job.id)

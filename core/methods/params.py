@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
@@ -17,7 +16,8 @@ MethodName = Literal["lora"]
 
 class StrictModel(BaseModel):
     # Unknown fields are errors: a typo such as "learnig_rate" must not silently train with defaults.
-    model_config = ConfigDict(extra="forbid")
+    # NaN/inf are refused for every float field, before range checks can give a confusing message.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class LoraParams(StrictModel):
@@ -85,13 +85,6 @@ class TrainingParams(StrictModel):
     noise_offset: float = Field(0.0, ge=0.0, le=1.0)
     random_flip: bool = False
     max_grad_norm: float = Field(1.0, gt=0, le=1000)
-
-    @field_validator("learning_rate", "noise_offset", "max_grad_norm")
-    @classmethod
-    def _finite(cls, value: float) -> float:
-        if not math.isfinite(value):
-            raise ValueError("must be a finite number")
-        return value
 
     @field_validator("resolution")
     @classmethod
