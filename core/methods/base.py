@@ -70,7 +70,8 @@ class Trainable(torch.nn.Module):
             hidden, pooled = encode_text(self.base, batch.input_ids, batch.input_ids_2)
         if pooled is None:
             return hidden, None
-        return hidden, {"text_embeds": pooled, "time_ids": batch.time_ids.to(pooled.dtype)}
+        # time_ids stay fp32: crop offsets such as 598 are not exact in bf16.
+        return hidden, {"text_embeds": pooled, "time_ids": batch.time_ids}
 
     def save(self, out_dir: Path) -> list[str]:
         """Write the artifact files (ecosystem names, safetensors); return their names."""

@@ -105,7 +105,8 @@ class TextCache:
     input_ids_2: torch.Tensor | None
 
 
-def _time_ids(placement: Placement, flipped: bool) -> list[float]:
+def time_ids_for(placement: Placement, flipped: bool) -> list[float]:
+    """SDXL micro-conditioning: original (h, w), crop top-left (top, left), target (h, w)."""
     width, height = placement.size
     top, left = placement.crop_top_left
     if flipped:  # the crop's left edge, seen in the mirrored image
@@ -132,7 +133,7 @@ def _cache_bucket(
     for image, placement in zip(images, placements, strict=True):
         pixels = to_pixels(resize_and_crop(image, placement))
         views += [pixels, pixels.flip(-1)][:flips]
-        time_ids.append([_time_ids(placement, flipped) for flipped in (False, True)[:flips]])
+        time_ids.append([time_ids_for(placement, flipped) for flipped in (False, True)[:flips]])
     mean, std = _encode_latents(base.vae, torch.stack(views))
     n = len(images)
     return BucketCache(
@@ -257,7 +258,7 @@ def build_training_data(
     """Bucket, encode and cache `items` once; `encode_captions=False` keeps token ids instead."""
     if not items:
         raise ValueError("the dataset has no images")
-    images = [item.image for item in items]
+    images = [item.image if item.image.mode == "RGB" else item.image.convert("RGB") for item in items]
     captions = [item.caption or "" for item in items]
     unique = sorted(set(captions))
     caption_index = [unique.index(c) for c in captions]
