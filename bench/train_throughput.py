@@ -245,9 +245,10 @@ def byte_tokenizer(folder: Path) -> Any:
 
 
 def sized_base(size: str, folder: Path, device: torch.device) -> Any:
-    from core.base_loader import BaseModels
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from core.base_loader import BaseModels
 
     torch.manual_seed(0)
     tokenizer = byte_tokenizer(folder)
@@ -283,7 +284,6 @@ def sized_base(size: str, folder: Path, device: torch.device) -> Any:
 
 def load_named_base(model_id: str) -> Any:
     from core.base_loader import load_base
-
     from core.config import get_settings
 
     return load_base(model_id, settings=get_settings(), device="cpu")
