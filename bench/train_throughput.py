@@ -316,7 +316,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if cuda else "cpu")
-    if args.size and device.type != "cuda":
+    if args.size and device.type != "cuda" and args.device != "cpu":
         sys.exit("--size builds SD1.5/SDXL-sized models: it needs CUDA (or pass --device cpu knowingly)")
     with tempfile.TemporaryDirectory() as folder:
 
