@@ -113,7 +113,7 @@ def test_killed_worker_job_resumes_from_checkpoint_once(full_stack: Stack, tmp_p
     worker = psutil.Process(full_stack.start_workers().pid)
     client = full_stack.client()
     dataset_id = _upload(client, tmp_path)
-    job = client.create_job(_job_body(dataset_id, max_steps=400, checkpoint_every=20))
+    job = client.create_job(_job_body(dataset_id, max_steps=100, checkpoint_every=10))
 
     def first_checkpoint() -> int | None:
         return client.job(job["id"])["checkpoint_step"]
