@@ -229,35 +229,23 @@ CLIP_G = {
 }
 
 
-def byte_tokenizer(folder: Path) -> Any:
-    """An offline CLIP tokenizer: the 256 byte-unicode characters, the same with </w>, bos, eos."""
-    from transformers import CLIPTokenizer
-    from transformers.models.clip.tokenization_clip import bytes_to_unicode
-
-    chars = list(bytes_to_unicode().values())
-    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(
-        folder / "vocab.json", folder / "merges.txt", model_max_length=77, pad_token="<|endoftext|>"
-    )
-
-
 def sized_base(size: str, folder: Path, device: torch.device) -> Any:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from core.base_loader import BaseModels
+    from core.tiny.components import BOS_ID, EOS_ID, load_tokenizer, write_tokenizer
 
     torch.manual_seed(0)
-    tokenizer = byte_tokenizer(folder)
+    # The tiny bases' offline byte-level CLIP tokenizer; the encoders keep CLIP's real vocab size.
+    write_tokenizer(folder / "tokenizer")
+    tokenizer = load_tokenizer(folder / "tokenizer")
     special = {
         "vocab_size": 49408,
         "max_position_embeddings": 77,
-        "bos_token_id": 512,
-        "eos_token_id": 513,
-        "pad_token_id": 513,
+        "bos_token_id": BOS_ID,
+        "eos_token_id": EOS_ID,
+        "pad_token_id": EOS_ID,
     }
     sdxl = size == "sdxl"
     with torch.device(device):  # initialise on the GPU: seconds instead of minutes on the host
