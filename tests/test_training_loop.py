@@ -346,3 +346,61 @@ def test_checkpoint_of_another_method_is_refused(tmp_path: Path) -> None:
     (tmp_path / "ck" / checkpoint.STATE).unlink()
     with pytest.raises(checkpoint.CheckpointError, match="incomplete"):
         checkpoint.load_checkpoint(tmp_path / "ck", method="lora", **kwargs)
+
+
+class Recorder(NullHooks):
+    """Reports every third step; records what the loop hands over."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: list[int] = []
+        self.reports: list[tuple[int, int, float, float]] = []
+        self.checkpoints: list[tuple[int, list[str], bool]] = []
+        self.samples: list[tuple[int, list, list[str]]] = []
+
+    def should_report(self, step: int) -> bool:
+        self.asked.append(step)
+        return step % 3 == 0
+
+    def progress(self, *, step: int, total: int, loss: float, images_per_s: float) -> None:
+        self.reports.append((step, total, loss, images_per_s))
+
+    def save_checkpoint(self, *, step: int, folder: Path) -> None:
+        self.checkpoints.append((step, sorted(p.name for p in folder.iterdir()), folder.exists()))
+
+    def save_samples(self, *, step: int, images: list, prompts: list[str]) -> None:
+        self.samples.append((step, images, prompts))
+
+
+def test_hooks_get_throttled_progress_checkpoints_and_samples(model_cache: Path, tmp_path: Path) -> None:
+    spec = JobSpec(
+        base_model="tiny-sd",
+        dataset_id="ds",
+        params={"method": "lora", "rank": 2},
+        training={
+            "max_steps": 4,
+            "checkpoint_every": 2,
+            "sample_every": 2,
+            "sample_prompts": ["a photo of sks"],
+        },
+    )
+    hooks = Recorder()
+    result = train(
+        spec=spec,
+        base=load_tiny(model_cache),
+        items=items_for_loop(),
+        workdir=tmp_path,
+        hooks=hooks,
+        device=CPU,
+    )
+    assert hooks.asked == [1, 2, 3]  # the last step always reports, without asking
+    assert [(step, total) for step, total, _, _ in hooks.reports] == [(3, 4), (4, 4)]
+    assert all(math.isfinite(loss) and rate > 0 for _, _, loss, rate in hooks.reports)
+    assert result.loss_history == [(step, loss) for step, _, loss, _ in hooks.reports]
+    # No checkpoint at the last step: the artifact follows at once.
+    assert hooks.checkpoints == [(2, [checkpoint.STATE, checkpoint.TENSORS, checkpoint.TRAINING_STATE], True)]
+    assert [(step, prompts) for step, _, prompts in hooks.samples] == [
+        (2, ["a photo of sks"]),
+        (4, ["a photo of sks"]),
+    ]
+    assert all(image.size == (32, 32) for _, images, _ in hooks.samples for image in images)
