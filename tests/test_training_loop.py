@@ -404,3 +404,26 @@ def test_hooks_get_throttled_progress_checkpoints_and_samples(model_cache: Path,
         (4, ["a photo of sks"]),
     ]
     assert all(image.size == (32, 32) for _, images, _ in hooks.samples for image in images)
+
+
+def test_gradient_checkpointing_trains_the_same_weights(model_cache: Path, tmp_path: Path) -> None:
+    weights = []
+    for checkpointing in (False, True):
+        spec = JobSpec(
+            base_model="tiny-sd",
+            dataset_id="ds",
+            params={"method": "lora", "rank": 2, "train_text_encoder": True},
+            training={"max_steps": 2, "learning_rate": 1e-2, "gradient_checkpointing": checkpointing},
+        )
+        result = train(
+            spec=spec,
+            base=load_tiny(model_cache),
+            items=items_for_loop(),
+            workdir=tmp_path / str(checkpointing),
+            hooks=NullHooks(),
+            device=CPU,
+        )
+        weights.append(load_file(result.artifact_dir / "pytorch_lora_weights.safetensors"))
+    assert weights[0].keys() == weights[1].keys()
+    for key, tensor in weights[0].items():
+        torch.testing.assert_close(weights[1][key], tensor, rtol=1e-5, atol=1e-6, msg=key)

@@ -87,8 +87,11 @@ def _prepare_models(
         base.unet.enable_gradient_checkpointing()
         if trainable.text_encoder_trains:
             for name in TEXT_ENCODERS:
-                if getattr(base, name) is not None:
-                    getattr(base, name).gradient_checkpointing_enable({"use_reentrant": False})
+                encoder = getattr(base, name)
+                if encoder is not None:
+                    # transformers 5 renamed it; pyproject still allows 4.x.
+                    enable = getattr(encoder, "activation_checkpointing_enable", None)
+                    (enable or encoder.gradient_checkpointing_enable)({"use_reentrant": False})
 
 
 def _freeze(base: Any) -> None:
