@@ -214,12 +214,19 @@ class TrainingData:
             picked = picked.pin_memory().to(self.device, non_blocking=True)
         return picked
 
+    def _indices(self, host_indices: torch.Tensor) -> torch.Tensor:
+        """Row/flip indices onto the cache's device. A plain copy from pageable memory would wait
+        for every queued kernel (a host sync per step); a pinned, non-blocking one does not."""
+        if self._store.type == "cpu":
+            return host_indices
+        return host_indices.pin_memory().to(self._store, non_blocking=True)
+
     def micro_batch(self, index: int) -> Batch:
         bucket_no, rows = self.sampler.batch(index)
         bucket = self.buckets[bucket_no]
         host, on_device = step_generators(self.seed, index, self.device)
-        flips = torch.randint(0, bucket.mean.shape[1], (len(rows),), generator=host).to(self._store)
-        rows_t = torch.tensor(rows, dtype=torch.long).to(self._store)
+        flips = torch.randint(0, bucket.mean.shape[1], (len(rows),), generator=host)
+        rows_t, flips = self._indices(torch.stack([torch.tensor(rows, dtype=torch.long), flips]))
         mean, std = self._gather(bucket.mean, rows_t, flips), self._gather(bucket.std, rows_t, flips)
         latents = mean + std * torch.randn(mean.shape, generator=on_device, device=self.device)
         noise = torch.randn(latents.shape, generator=on_device, device=self.device)
