@@ -1,0 +1,117 @@
+"""The base-model allow-list: which ids a job may name, and what is known about each without torch.
+
+The API process imports this module to validate requests and serve `GET /v1/base-models`, so it
+must never import torch or diffusers; loading lives in core/base_loader.py.
+
+Sources (Settings.base_models, id -> source):
+  builtin:<name>     a tiny base built offline by core/tiny on first use
+  hf:<repo id>       a Hugging Face repo, where a hub or a populated HF cache is reachable
+  storage:<prefix>   a diffusers folder uploaded to our object storage
+  /abs/path          a diffusers folder on the worker's disk
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+Family = Literal["sd", "sdxl"]
+SourceKind = Literal["builtin", "hf", "storage", "local"]
+
+# What the built-in bases are, known without building them (core/tiny makes 32 px images).
+BUILTINS: dict[str, tuple[Family, int]] = {"tiny-sd": ("sd", 32), "tiny-sdxl": ("sdxl", 32)}
+
+
+class BaseModelNotAllowed(Exception):
+    def __init__(self, model_id: str, allowed: list[str]) -> None:
+        self.model_id = model_id
+        self.allowed = allowed
+        super().__init__(f"base model {model_id!r} is not allowed; allowed: {', '.join(allowed) or 'none'}")
+
+
+class BaseModelUnavailable(Exception):
+    """An allowed base that cannot be materialised here (missing folder, unreachable hub...)."""
+
+    def __init__(self, model_id: str, reason: str) -> None:
+        self.model_id = model_id
+        super().__init__(f"base model {model_id!r} is unavailable: {reason}")
+
+
+@dataclass(frozen=True)
+class BaseModelInfo:
+    id: str
+    source: str
+    family: Family | None
+    resolution: int | None
+    builtin: bool
+
+    @property
+    def source_kind(self) -> SourceKind:
+        return split_source(self.source)[0]
+
+    def to_public(self) -> dict[str, Any]:
+        # The source itself stays private: it can name server paths and storage prefixes.
+        return {
+            "id": self.id,
+            "object": "base_model",
+            "family": self.family,
+            "resolution": self.resolution,
+            "builtin": self.builtin,
+            "source_kind": self.source_kind,
+        }
+
+
+def split_source(source: str) -> tuple[SourceKind, str]:
+    for kind in ("builtin", "hf", "storage"):
+        if source.startswith(f"{kind}:"):
+            return kind, source[len(kind) + 1 :]  # type: ignore[return-value]
+    if Path(source).is_absolute():
+        return "local", source
+    raise ValueError(f"unrecognised base model source {source!r}")
+
+
+def list_base_models(settings: Any) -> list[BaseModelInfo]:
+    return [_info(model_id, source) for model_id, source in settings.base_models.items()]
+
+
+def get_base_model_info(model_id: str, settings: Any) -> BaseModelInfo:
+    source = settings.base_models.get(model_id)
+    if source is None:
+        raise BaseModelNotAllowed(model_id, sorted(settings.base_models))
+    return _info(model_id, source)
+
+
+def _info(model_id: str, source: str) -> BaseModelInfo:
+    kind, value = split_source(source)
+    if kind == "builtin":
+        family, resolution = BUILTINS.get(value, (None, None))
+        return BaseModelInfo(model_id, source, family, resolution, builtin=True)
+    if kind == "local":
+        family, resolution = describe_folder(Path(value))
+        return BaseModelInfo(model_id, source, family, resolution, builtin=False)
+    # hf: and storage: are only known once fetched; the worker reads the folder then.
+    return BaseModelInfo(model_id, source, None, None, builtin=False)
+
+
+def describe_folder(folder: Path) -> tuple[Family | None, int | None]:
+    """Family and native resolution of a diffusers pipeline folder, from its JSON configs only."""
+    index = _read_json(folder / "model_index.json")
+    if index is None:
+        return None, None
+    family: Family = "sdxl" if str(index.get("_class_name", "")).startswith("StableDiffusionXL") else "sd"
+    unet = _read_json(folder / "unet" / "config.json") or {}
+    vae = _read_json(folder / "vae" / "config.json") or {}
+    sample_size, blocks = unet.get("sample_size"), vae.get("block_out_channels")
+    if not isinstance(sample_size, int) or not blocks:
+        return family, None
+    # Each VAE level after the first halves the image: latent side * 2**(levels-1) = pixels.
+    return family, sample_size * 2 ** (len(blocks) - 1)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None

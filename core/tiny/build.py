@@ -1,0 +1,124 @@
+"""Build a tiny base as an ordinary diffusers pipeline folder (save_pretrained, safetensors).
+
+Nothing here knows about caches or locks (core/base_loader.py owns those): `build(name, out_dir)`
+writes a complete folder into an empty `out_dir`, the same bytes for the same inputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+from core.tiny import components, pretrain
+
+log = logging.getLogger(__name__)
+
+# Bump when a change to the architectures, the world or the recipe changes the weights: cached
+# builds with another recipe are rebuilt.
+RECIPE = 1
+NAMES = ("tiny-sd", "tiny-sdxl")
+SEED = 1234
+
+
+@contextmanager
+def _build_context(seed: int) -> Iterator[None]:
+    """Seeded, deterministic and single-threaded inside; the caller's settings untouched outside.
+
+    One thread: these models are so small that intra-op threads mostly synchronise, and on a
+    shared 2-core machine two threads ran 3x slower than one.
+    """
+    was_deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        torch.use_deterministic_algorithms(True)
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.use_deterministic_algorithms(was_deterministic)
+            torch.set_num_threads(threads)
+
+
+def build(name: str, out_dir: Path, *, vae_dir: Path | None = None) -> dict[str, float]:
+    """Build `name` into `out_dir`. tiny-sdxl reuses the VAE of a built tiny-sd at `vae_dir` (the
+    same latent space, and half the build time). Returns timings in seconds."""
+    if name not in NAMES:
+        raise ValueError(f"unknown builtin base {name!r}; known: {', '.join(NAMES)}")
+    started = time.perf_counter()
+    # Grad on even if the caller (an inference worker) loads bases under no_grad/inference_mode.
+    with _build_context(SEED), torch.inference_mode(False), torch.enable_grad():
+        vae = _vae(vae_dir)
+        vae_s = time.perf_counter() - started
+        pipe = _sd_pipeline(vae) if name == "tiny-sd" else _sdxl_pipeline(vae)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    for folder in ("tokenizer", "tokenizer_2"):
+        if (out_dir / folder).exists():
+            # Keep the canonical vocab.json + merges.txt form (any transformers version, slow or
+            # fast tokenizer, loads it) rather than only the tokenizer.json save_pretrained writes.
+            shutil.rmtree(out_dir / folder)
+            components.write_tokenizer(out_dir / folder)
+    timings = {"vae_s": round(vae_s, 1), "total_s": round(time.perf_counter() - started, 1)}
+    log.info("built tiny base", extra={"base_model": name, **timings})
+    return timings
+
+
+def _vae(vae_dir: Path | None) -> AutoencoderKL:
+    if vae_dir is not None:
+        return AutoencoderKL.from_pretrained(vae_dir)
+    vae = components.vae()
+    pretrain.train_vae(vae, seed=SEED)
+    return vae
+
+
+def _scaled_latents(vae: AutoencoderKL) -> tuple[torch.Tensor, list[str]]:
+    latents, captions = pretrain.world_latents(vae, seed=SEED + 1)
+    # Unit-variance latents are what the noise schedule assumes; diffusers reads the factor back.
+    scale = round(1.0 / latents.std().item(), 5)
+    vae.register_to_config(scaling_factor=scale)
+    return latents * scale, captions
+
+
+def _tokenizer() -> components.CLIPTokenizer:
+    # Loaded from the files we ship, so pre-training tokenizes exactly as later loads will.
+    with tempfile.TemporaryDirectory() as scratch:
+        components.write_tokenizer(Path(scratch))
+        return components.load_tokenizer(Path(scratch))
+
+
+def _sd_pipeline(vae: AutoencoderKL) -> StableDiffusionPipeline:
+    latents, captions = _scaled_latents(vae)
+    tokenizer, encoder, unet = _tokenizer(), components.text_encoder(), components.unet_sd()
+    scheduler = components.scheduler()
+    loss = pretrain.train_unet(
+        unet, pretrain.sd_text(tokenizer, encoder), latents, captions,
+        DDPMScheduler.from_config(scheduler.config), seed=SEED + 2,
+    )
+    log.info("tiny-sd unet pre-trained", extra={"loss": round(loss, 4)})
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def _sdxl_pipeline(vae: AutoencoderKL) -> StableDiffusionXLPipeline:
+    latents, captions = _scaled_latents(vae)
+    tokenizers = [_tokenizer(), _tokenizer()]
+    encoders = components.sdxl_text_encoders()
+    unet, scheduler = components.unet_sdxl(), components.scheduler()
+    loss = pretrain.train_unet(
+        unet, pretrain.sdxl_text(tokenizers, list(encoders)), latents, captions,
+        DDPMScheduler.from_config(scheduler.config), seed=SEED + 3,
+    )
+    log.info("tiny-sdxl unet pre-trained", extra={"loss": round(loss, 4)})
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=encoders[0], text_encoder_2=encoders[1], tokenizer=tokenizers[0],
+        tokenizer_2=tokenizers[1], unet=unet, scheduler=scheduler,
+    )
