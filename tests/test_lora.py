@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,39 +19,18 @@ from PIL import Image
 from safetensors import safe_open
 
 from core.artifacts import ArtifactError, verify_manifest
-from core.config import Settings
 from core.methods import UnknownMethod, get_method
 from core.methods.lora import WEIGHT_NAME, LoraMethod
 from core.methods.params import JobSpec
 from core.training.loop import TrainResult, train
 from core.training.progress import NullHooks
+from tests import test_training_loop as shared
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The tiny models are latency-bound: extra intra-op threads only add synchronisation, which on a
-    # shared 2-core machine made these tests ten times slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 MAGENTA = (255, 0, 255)
-
-
-@dataclass
-class Item:
-    image: Image.Image
-    caption: str | None
-
-
-def load_tiny(model_cache: Path, model_id: str):
-    from core.base_loader import load_base
-
-    return load_base(model_id, settings=Settings(model_cache=model_cache), device="cpu")
+# Shared with the training-loop tests; pytest finds fixtures by module attribute.
+one_thread, tiny_cache = shared.one_thread, shared.tiny_cache
+Item, load_tiny = shared.Item, shared.load_tiny
 
 
 def concept_items(n: int, size: int = 32, seed: int = 0) -> list[Item]:
@@ -132,8 +110,8 @@ def test_registry_is_closed() -> None:
         get_method("os.path")
 
 
-def test_lora_round_trip_attention(model_cache: Path, tmp_path: Path) -> None:
-    base = load_tiny(model_cache, "tiny-sd")
+def test_lora_round_trip_attention(tiny_cache: Path, tmp_path: Path) -> None:
+    base = load_tiny(tiny_cache, "tiny-sd")
     result = train_lora(base, tmp_path)
     assert result.files == [WEIGHT_NAME, "manifest.json"]
     keys = lora_keys(result.artifact_dir)
@@ -145,8 +123,8 @@ def test_lora_round_trip_attention(model_cache: Path, tmp_path: Path) -> None:
     assert_round_trip(base, result, encoders=())
 
 
-def test_lora_round_trip_attention_conv_ff(model_cache: Path, tmp_path: Path) -> None:
-    base = load_tiny(model_cache, "tiny-sd")
+def test_lora_round_trip_attention_conv_ff(tiny_cache: Path, tmp_path: Path) -> None:
+    base = load_tiny(tiny_cache, "tiny-sd")
     result = train_lora(base, tmp_path, targets="attention+conv+ff")
     modules = {k.rsplit(".lora_", 1)[0].split(".", 1)[1] for k in lora_keys(result.artifact_dir)}
     suffixes = {m.rsplit(".", 1)[-1] for m in modules} | {".".join(m.rsplit(".", 3)[-3:]) for m in modules}
@@ -155,15 +133,15 @@ def test_lora_round_trip_attention_conv_ff(model_cache: Path, tmp_path: Path) ->
     assert_round_trip(base, result, encoders=())
 
 
-def test_lora_round_trip_with_text_encoder(model_cache: Path, tmp_path: Path) -> None:
-    base = load_tiny(model_cache, "tiny-sd")
+def test_lora_round_trip_with_text_encoder(tiny_cache: Path, tmp_path: Path) -> None:
+    base = load_tiny(tiny_cache, "tiny-sd")
     result = train_lora(base, tmp_path, train_text_encoder=True, text_encoder_rank=2)
     assert any(k.startswith("text_encoder.") for k in lora_keys(result.artifact_dir))
     assert_round_trip(base, result, encoders=("text_encoder",))
 
 
-def test_lora_round_trip_sdxl(model_cache: Path, tmp_path: Path) -> None:
-    base = load_tiny(model_cache, "tiny-sdxl")
+def test_lora_round_trip_sdxl(tiny_cache: Path, tmp_path: Path) -> None:
+    base = load_tiny(tiny_cache, "tiny-sdxl")
     result = train_lora(base, tmp_path, train_text_encoder=True)
     prefixes = {k.split(".", 1)[0] for k in lora_keys(result.artifact_dir)}
     assert prefixes == {"unet", "text_encoder", "text_encoder_2"}
@@ -172,8 +150,8 @@ def test_lora_round_trip_sdxl(model_cache: Path, tmp_path: Path) -> None:
     assert_round_trip(base, result, encoders=("text_encoder", "text_encoder_2"))
 
 
-def test_manifest_lists_files_and_detects_tampering(model_cache: Path, tmp_path: Path) -> None:
-    base = load_tiny(model_cache, "tiny-sd")
+def test_manifest_lists_files_and_detects_tampering(tiny_cache: Path, tmp_path: Path) -> None:
+    base = load_tiny(tiny_cache, "tiny-sd")
     result = train_lora(base, tmp_path / "run", steps=1)
     manifest = verify_manifest(result.artifact_dir)
     assert manifest["method"] == "lora" and manifest["format"] == "diffusers"
@@ -211,8 +189,8 @@ def mean_colour_distance(images: list[Image.Image], target: tuple[int, int, int]
 
 
 @pytest.mark.slow
-def test_lora_learns_a_colour_the_base_never_makes(model_cache: Path, tmp_path: Path) -> None:
-    base = load_tiny(model_cache, "tiny-sd")
+def test_lora_learns_a_colour_the_base_never_makes(tiny_cache: Path, tmp_path: Path) -> None:
+    base = load_tiny(tiny_cache, "tiny-sd")
     spec = JobSpec(
         base_model="tiny-sd",
         dataset_id="ds",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,10 +47,21 @@ def solid(colour: tuple[int, int, int], size: tuple[int, int] = (32, 32)) -> Ima
     return Image.fromarray(np.full((size[1], size[0], 3), colour, dtype=np.uint8))
 
 
-def load_tiny(model_cache: Path, model_id: str = "tiny-sd"):
+@pytest.fixture(scope="session")
+def tiny_cache(request: pytest.FixtureRequest) -> Path:
+    """Where the tiny bases are built once for the whole run: conftest's shared `model_cache` when it
+    exists (a folder or Settings), else the folder the end-to-end tests share."""
+    try:
+        value = request.getfixturevalue("model_cache")
+    except pytest.FixtureLookupError:
+        return Path(os.environ.get("ATELIER_TEST_MODEL_CACHE", "/tmp/atelier-test-models"))
+    return Path(getattr(value, "model_cache", value))
+
+
+def load_tiny(cache: Path, model_id: str = "tiny-sd"):
     from core.base_loader import load_base
 
-    return load_base(model_id, settings=Settings(model_cache=model_cache), device="cpu")
+    return load_base(model_id, settings=Settings(model_cache=cache), device="cpu")
 
 
 def items_for_loop() -> list[Item]:
@@ -194,8 +206,8 @@ def test_min_snr_weights_scale_the_loss() -> None:
 # --- caching -----------------------------------------------------------------------------------
 
 
-def test_latents_and_embeddings_are_computed_once(model_cache: Path, tmp_path: Path, monkeypatch) -> None:
-    base = load_tiny(model_cache)
+def test_latents_and_embeddings_are_computed_once(tiny_cache: Path, tmp_path: Path, monkeypatch) -> None:
+    base = load_tiny(tiny_cache)
     encodes: list[int] = []
     text_calls: list[int] = []
     original_encode, original_text = base.vae.encode, base.text_encoder.forward
@@ -223,8 +235,8 @@ def test_latents_and_embeddings_are_computed_once(model_cache: Path, tmp_path: P
     assert len(text_calls) == 1  # three distinct captions, one batch
 
 
-def test_caption_ids_are_kept_when_the_text_encoder_trains(model_cache: Path) -> None:
-    base = load_tiny(model_cache)
+def test_caption_ids_are_kept_when_the_text_encoder_trains(tiny_cache: Path) -> None:
+    base = load_tiny(tiny_cache)
     data = build_training_data(
         base=base,
         items=items_for_loop(),
@@ -273,7 +285,7 @@ class ResumeFrom(NullHooks):
 
 
 @pytest.mark.slow
-def test_resumed_run_ends_identical_to_an_uninterrupted_one(model_cache: Path, tmp_path: Path) -> None:
+def test_resumed_run_ends_identical_to_an_uninterrupted_one(tiny_cache: Path, tmp_path: Path) -> None:
     spec = JobSpec(
         base_model="tiny-sd",
         dataset_id="ds",
@@ -295,7 +307,7 @@ def test_resumed_run_ends_identical_to_an_uninterrupted_one(model_cache: Path, t
     items = items_for_loop()
     full = train(
         spec=spec,
-        base=load_tiny(model_cache),
+        base=load_tiny(tiny_cache),
         items=items,
         workdir=tmp_path / "full",
         hooks=NullHooks(report_every=1),
@@ -306,7 +318,7 @@ def test_resumed_run_ends_identical_to_an_uninterrupted_one(model_cache: Path, t
     with pytest.raises(StopTraining):
         train(
             spec=spec,
-            base=load_tiny(model_cache),
+            base=load_tiny(tiny_cache),
             items=items,
             workdir=tmp_path / "stopped",
             hooks=stopper,
@@ -317,7 +329,7 @@ def test_resumed_run_ends_identical_to_an_uninterrupted_one(model_cache: Path, t
 
     resumed = train(
         spec=spec,
-        base=load_tiny(model_cache),
+        base=load_tiny(tiny_cache),
         items=items,
         workdir=tmp_path / "resumed",
         hooks=ResumeFrom(stopper.saved),
@@ -372,7 +384,7 @@ class Recorder(NullHooks):
         self.samples.append((step, images, prompts))
 
 
-def test_hooks_get_throttled_progress_checkpoints_and_samples(model_cache: Path, tmp_path: Path) -> None:
+def test_hooks_get_throttled_progress_checkpoints_and_samples(tiny_cache: Path, tmp_path: Path) -> None:
     spec = JobSpec(
         base_model="tiny-sd",
         dataset_id="ds",
@@ -387,7 +399,7 @@ def test_hooks_get_throttled_progress_checkpoints_and_samples(model_cache: Path,
     hooks = Recorder()
     result = train(
         spec=spec,
-        base=load_tiny(model_cache),
+        base=load_tiny(tiny_cache),
         items=items_for_loop(),
         workdir=tmp_path,
         hooks=hooks,
@@ -406,7 +418,7 @@ def test_hooks_get_throttled_progress_checkpoints_and_samples(model_cache: Path,
     assert all(image.size == (32, 32) for _, images, _ in hooks.samples for image in images)
 
 
-def test_gradient_checkpointing_trains_the_same_weights(model_cache: Path, tmp_path: Path) -> None:
+def test_gradient_checkpointing_trains_the_same_weights(tiny_cache: Path, tmp_path: Path) -> None:
     weights = []
     for checkpointing in (False, True):
         spec = JobSpec(
@@ -417,7 +429,7 @@ def test_gradient_checkpointing_trains_the_same_weights(model_cache: Path, tmp_p
         )
         result = train(
             spec=spec,
-            base=load_tiny(model_cache),
+            base=load_tiny(tiny_cache),
             items=items_for_loop(),
             workdir=tmp_path / str(checkpointing),
             hooks=NullHooks(),
