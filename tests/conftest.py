@@ -1,8 +1,37 @@
+# Built-in base models (owned with core/base_loader.py): one cache folder per machine, reused across
+# runs, so tiny-sd / tiny-sdxl are built once (about 100 s each), not per test or per run.
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
 # S3 test fixtures (owned with tests/s3_server.py): pytest finds fixtures by name in conftest, so
 # importing them here makes one session-wide S3 server and `s3_settings` visible to every test.
 from tests.s3_server import s3_server, s3_settings  # noqa: F401
 
 # Real processes against real services (owned with tests/service_stack.py).
 from tests.service_stack import embedded_stack, full_stack, postgres_url, redis_url  # noqa: F401
+
+
+@pytest.fixture(scope="session")
+def model_cache() -> Iterator[Path]:
+    from core.config import reset_settings
+
+    folder = Path(os.environ.get("ATELIER_TEST_MODEL_CACHE", "/tmp/atelier-test-models"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ATELIER_MODEL_CACHE", str(folder))
+        reset_settings()
+        yield folder
+    reset_settings()
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(model_cache: Path):
+    """Settings under which `load_base("tiny-sd", settings=...)` uses the shared cache."""
+    from core.config import Settings
+
+    return Settings(model_cache=model_cache)
+
 
 pytest_plugins = ["tests.db_fixtures"]

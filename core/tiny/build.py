@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 # Bump when a change to the architectures, the world or the recipe changes the weights: cached
 # builds with another recipe are rebuilt.
-RECIPE = 1
+RECIPE = 2
 NAMES = ("tiny-sd", "tiny-sdxl")
 SEED = 1234
 
@@ -98,13 +98,23 @@ def _sd_pipeline(vae: AutoencoderKL) -> StableDiffusionPipeline:
     tokenizer, encoder, unet = _tokenizer(), components.text_encoder(), components.unet_sd()
     scheduler = components.scheduler()
     loss = pretrain.train_unet(
-        unet, pretrain.sd_text(tokenizer, encoder), latents, captions,
-        DDPMScheduler.from_config(scheduler.config), seed=SEED + 2,
+        unet,
+        pretrain.sd_text(tokenizer, encoder),
+        latents,
+        captions,
+        DDPMScheduler.from_config(scheduler.config),
+        seed=SEED + 2,
     )
     log.info("tiny-sd unet pre-trained", extra={"loss": round(loss, 4)})
     return StableDiffusionPipeline(
-        vae=vae, text_encoder=encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=vae,
+        text_encoder=encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
 
 
@@ -114,11 +124,20 @@ def _sdxl_pipeline(vae: AutoencoderKL) -> StableDiffusionXLPipeline:
     encoders = components.sdxl_text_encoders()
     unet, scheduler = components.unet_sdxl(), components.scheduler()
     loss = pretrain.train_unet(
-        unet, pretrain.sdxl_text(tokenizers, list(encoders)), latents, captions,
-        DDPMScheduler.from_config(scheduler.config), seed=SEED + 3,
+        unet,
+        pretrain.sdxl_text(tokenizers, list(encoders)),
+        latents,
+        captions,
+        DDPMScheduler.from_config(scheduler.config),
+        seed=SEED + 3,
     )
     log.info("tiny-sdxl unet pre-trained", extra={"loss": round(loss, 4)})
     return StableDiffusionXLPipeline(
-        vae=vae, text_encoder=encoders[0], text_encoder_2=encoders[1], tokenizer=tokenizers[0],
-        tokenizer_2=tokenizers[1], unet=unet, scheduler=scheduler,
+        vae=vae,
+        text_encoder=encoders[0],
+        text_encoder_2=encoders[1],
+        tokenizer=tokenizers[0],
+        tokenizer_2=tokenizers[1],
+        unet=unet,
+        scheduler=scheduler,
     )
