@@ -29,7 +29,6 @@ KL_WEIGHT = 1e-3  # small: enough to keep latents bounded, not enough to blur co
 UNET_STEPS = 550
 UNET_BATCH = 32
 UNET_LR = 3e-3
-TEXT_LR_SCALE = 1.0
 CAPTION_DROPOUT = 0.1  # so classifier-free guidance has an unconditional model to push against
 UNRELATED_FRACTION = 0.1  # captions swapped for world.unrelated_captions
 WORLD_IMAGES = 2048
@@ -146,11 +145,8 @@ def train_unet(
     unrelated = world.unrelated_captions(64, seed)
     ids = text.token_ids(["", *known, *unrelated])
     caption_index = torch.tensor([1 + known.index(c) for c in captions])
-    groups = [
-        {"params": list(unet.parameters()), "lr": UNET_LR},
-        {"params": [p for m in text.encoders for p in m.parameters()], "lr": UNET_LR * TEXT_LR_SCALE},
-    ]
-    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    params = [p for m in (unet, *text.encoders) for p in m.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=UNET_LR, weight_decay=0.0)
     schedule = lr_schedule(optimizer, UNET_STEPS)
     generator = torch.Generator().manual_seed(seed)
     for module in (unet, *text.encoders):
