@@ -33,7 +33,7 @@ from core.tenants import create_key
 
 TARGET = (255, 0, 255)  # magenta: the tiny base's synthetic world never shows it
 PROMPT = "a photo of sks"
-DEFAULT_STEPS = 150
+DEFAULT_STEPS = 60
 
 
 def _free_port() -> int:

@@ -29,7 +29,7 @@ MAX_PIPELINES = 2
 _pipelines: OrderedDict[str, Any] = OrderedDict()
 
 
-def get_pipeline(model_id: str, settings: Settings) -> Any:
+def get_pipeline(model_id: str, settings: Settings, storage: Storage) -> Any:
     """A bounded LRU of base pipelines: loading one costs seconds to minutes."""
     from core.base_loader import load_pipeline
     from core.devices import pick_device
@@ -38,7 +38,13 @@ def get_pipeline(model_id: str, settings: Settings) -> Any:
         _pipelines.move_to_end(model_id)
         return _pipelines[model_id]
     device, dtype = pick_device(settings)
-    pipe = load_pipeline(model_id, settings=settings, device=device, dtype=dtype)
+    pipe = load_pipeline(
+        model_id,
+        settings=settings,
+        device=device,
+        dtype=dtype,
+        fetch_prefix=lambda prefix, folder: download_prefix(storage, prefix, folder),
+    )
     pipe.set_progress_bar_config(disable=True)
     _pipelines[model_id] = pipe
     while len(_pipelines) > MAX_PIPELINES:
@@ -60,7 +66,7 @@ def generate_images(
 ) -> list[Any]:
     from core.methods import get_method
 
-    pipe = get_pipeline(spec.base_model, settings)
+    pipe = get_pipeline(spec.base_model, settings, storage)
     names = []
     try:
         for index, (artifact, scale) in enumerate(artifacts):

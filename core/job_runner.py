@@ -229,6 +229,8 @@ def _train_and_store(
     workdir: Path,
     prefix: str,
 ) -> jobs.ArtifactRecord:
+    import torch
+
     from core.artifacts import write_manifest
     from core.base_loader import load_base
     from core.datasets import load_items
@@ -240,8 +242,16 @@ def _train_and_store(
     items = load_items(storage=storage, dataset_prefix=dataset.storage_prefix)
     if not items:
         raise PermanentJobError("dataset_empty", f"dataset {dataset.id} has no images")
-    device, dtype = pick_device(settings)
-    base = load_base(spec.base_model, settings=settings, device=device, dtype=dtype)
+    device, _ = pick_device(settings)
+    # Loaded in fp32: the loop itself casts frozen weights to the low-precision dtype and keeps
+    # trainable ones in fp32 (full fine-tunes must not start from bf16 copies).
+    base = load_base(
+        spec.base_model,
+        settings=settings,
+        device=device,
+        dtype=torch.float32,
+        fetch_prefix=lambda prefix, folder: download_prefix(storage, prefix, folder),
+    )
     result = train(spec=spec, base=base, items=items, workdir=workdir, hooks=hooks, device=device)
     manifest_path = result.artifact_dir / "manifest.json"
     if not manifest_path.exists():

@@ -215,6 +215,8 @@ def finish(
         "error_message": error_message,
         "artifact_id": artifact_id,
     }
+    if status == JobStatus.succeeded:
+        values["step"] = Job.total_steps  # the last heartbeat may predate the final steps
     row = session.execute(
         update(Job).where(_fenced(job_id, attempt)).values(**values).returning(Job.tenant_id, Job.spec)
     ).first()

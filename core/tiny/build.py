@@ -6,6 +6,7 @@ writes a complete folder into an empty `out_dir`, the same bytes for the same in
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
 import tempfile
@@ -21,9 +22,17 @@ from core.tiny import components, pretrain
 
 log = logging.getLogger(__name__)
 
-# Bump when a change to the architectures, the world or the recipe changes the weights: cached
-# builds with another recipe are rebuilt.
-RECIPE = 2
+
+def _recipe() -> str:
+    """The recipe is the code: a hash of this package's sources, so any change to the architectures,
+    the world or the pre-training rebuilds cached bases instead of silently reusing stale ones."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+RECIPE = _recipe()
 NAMES = ("tiny-sd", "tiny-sdxl")
 SEED = 1234
 

@@ -338,6 +338,8 @@ def train(
             "images_per_s": rate,
             "resumed_from_step": resumed,
             "images": data.image_count,
+            # (step, loss) at each report point since this attempt started: the loss curve.
+            "loss_history": [[step, loss] for step, loss in history],
         },
         artifact_format=method.artifact_format,
     )
