@@ -264,15 +264,19 @@ def _loop(run: _Run, start: int) -> tuple[float, float, list[tuple[int, float]]]
     params = run.trainable.trainable_parameters()
     meter, history, last_loss = _Meter(run.device), [], float("nan")
     previous_checkpoint: Path | None = None
+    # About 100 points make the loss curve; one host sync per point, not per step.
+    curve_every = max(1, total // 100)
     run.trainable.train()
     for step in range(start, total):
         loss, images = _optimizer_step(run, step, params)
         meter.add(loss, images)
         done = step + 1
-        if done == total or hooks.should_report(done):
+        report = done == total or hooks.should_report(done)
+        if report or done % curve_every == 0:
             last_loss, rate = meter.flush()
             history.append((done, last_loss))
-            hooks.progress(step=done, total=total, loss=last_loss, images_per_s=rate)
+            if report:
+                hooks.progress(step=done, total=total, loss=last_loss, images_per_s=rate)
         if training.checkpoint_every and done % training.checkpoint_every == 0 and done < total:
             with meter.paused():
                 previous_checkpoint = _save_checkpoint(run, done, previous_checkpoint)
