@@ -5,6 +5,7 @@ Adapters are removed after every request, so nothing one request applied leaks i
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -43,7 +44,7 @@ def get_pipeline(model_id: str, settings: Settings, storage: Storage) -> Any:
         settings=settings,
         device=device,
         dtype=dtype,
-        fetch_prefix=lambda prefix, folder: download_prefix(storage, prefix, folder),
+        fetch_prefix=functools.partial(download_prefix, storage),
     )
     pipe.set_progress_bar_config(disable=True)
     _pipelines[model_id] = pipe

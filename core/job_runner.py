@@ -6,6 +6,7 @@ outside world (lease renewal, cancel, checkpoints, samples) goes through `JobHoo
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -250,7 +251,7 @@ def _train_and_store(
         settings=settings,
         device=device,
         dtype=torch.float32,
-        fetch_prefix=lambda prefix, folder: download_prefix(storage, prefix, folder),
+        fetch_prefix=functools.partial(download_prefix, storage),
     )
     result = train(spec=spec, base=base, items=items, workdir=workdir, hooks=hooks, device=device)
     manifest_path = result.artifact_dir / "manifest.json"

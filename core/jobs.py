@@ -61,11 +61,13 @@ def create_job(
     max_attempts: int,
 ) -> tuple[Job, bool]:
     """Insert a queued job; with a key already used, return that job (created=False) or raise."""
-    body_hash = request_hash(spec.model_dump(mode="json"))
     if idempotency_key is not None:
-        existing = _find_by_key(session, tenant_id, idempotency_key)
+        existing = find_replay(
+            session=session, tenant_id=tenant_id, spec=spec, idempotency_key=idempotency_key
+        )
         if existing is not None:
-            return _replay(existing, idempotency_key, body_hash), False
+            return existing, False
+    body_hash = request_hash(spec.model_dump(mode="json"))
     job = Job(
         id=new_id("job"),
         tenant_id=tenant_id,
