@@ -55,6 +55,13 @@ class BaseModels:
     vae: Any
     unet: Any
     noise_scheduler: Any  # DDPMScheduler with the folder's training config
+    # The frozen CLIP image encoder IP-Adapter reads (a `CLIPVisionModelWithProjection` folder), if any.
+    image_encoder_path: Path | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        """Changes whenever the base's weights may have: names caches derived from the base."""
+        return base_fingerprint(self.model_id, self.path)
 
     @property
     def prediction_type(self) -> str:
@@ -64,6 +71,32 @@ class BaseModels:
     def resolution(self) -> int:
         # Each VAE level after the first halves the image.
         return int(self.unet.config.sample_size) * 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+
+IMAGE_ENCODER = "image_encoder"
+
+
+def base_fingerprint(model_id: str, path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256(model_id.encode())
+    # Our marker (built-ins: the recipe; fetched bases: the source) or the UNet config otherwise.
+    for name in (MARKER, "unet/config.json", "model_index.json"):
+        candidate = path / name
+        if candidate.is_file():
+            digest.update(name.encode() + candidate.read_bytes())
+            break
+    return digest.hexdigest()[:16]
+
+
+def image_encoder_folder(path: Path, settings: Any) -> Path | None:
+    """The image encoder for a base: the folder's own `image_encoder/` (the tiny bases ship one),
+    else `settings.image_encoder` (e.g. a local copy of h94/IP-Adapter's `models/image_encoder`)."""
+    own = path / IMAGE_ENCODER
+    if (own / "config.json").is_file():
+        return own
+    configured = getattr(settings, "image_encoder", None)
+    return Path(configured) if configured else None
 
 
 def ensure_local(model_id: str, *, settings: Any, fetch_prefix: FetchPrefix | None = None) -> Path:
@@ -195,6 +228,7 @@ def load_base(
         # Whatever sampler the folder ships (DDIM, PNDM, Euler), training adds noise the DDPM way
         # with the same betas and prediction type.
         noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler"),
+        image_encoder_path=image_encoder_folder(path, settings),
     )
 
 

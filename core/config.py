@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     model_cache: Path | None = None  # default home/models
     # id -> source: "builtin:<name>", "hf:<repo id>", a local diffusers folder, or "storage:<prefix>"
     base_models: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_BASE_MODELS))
+    # IP-Adapter's frozen CLIP image encoder for bases that do not ship `image_encoder/` (real SD1.5
+    # and SDXL): a local CLIPVisionModelWithProjection folder, e.g. h94/IP-Adapter's models/image_encoder.
+    image_encoder: Path | None = None
 
     max_attempts: int = 3
     lease_s: float = 60.0

@@ -10,6 +10,7 @@ import io
 import json
 import logging
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,30 +28,29 @@ from core.timeutil import utcnow
 log = logging.getLogger(__name__)
 MAX_PIPELINES = 2
 
-_pipelines: OrderedDict[str, Any] = OrderedDict()
+_pipelines: OrderedDict[str, tuple[Any, Path]] = OrderedDict()
 
 
-def get_pipeline(model_id: str, settings: Settings, storage: Storage) -> Any:
-    """A bounded LRU of base pipelines: loading one costs seconds to minutes."""
-    from core.base_loader import load_pipeline
+def get_pipeline(model_id: str, settings: Settings, storage: Storage) -> tuple[Any, Path]:
+    """A bounded LRU of base pipelines (and their local folders): loading one costs seconds to minutes."""
+    from core.base_loader import ensure_local, load_pipeline
     from core.devices import pick_device
 
     if model_id in _pipelines:
         _pipelines.move_to_end(model_id)
         return _pipelines[model_id]
     device, dtype = pick_device(settings)
-    pipe = load_pipeline(
-        model_id,
-        settings=settings,
-        device=device,
-        dtype=dtype,
-        fetch_prefix=functools.partial(download_prefix, storage),
-    )
+    fetch = functools.partial(download_prefix, storage)
+    pipe = load_pipeline(model_id, settings=settings, device=device, dtype=dtype, fetch_prefix=fetch)
     pipe.set_progress_bar_config(disable=True)
-    _pipelines[model_id] = pipe
+    _pipelines[model_id] = (pipe, ensure_local(model_id, settings=settings, fetch_prefix=fetch))
     while len(_pipelines) > MAX_PIPELINES:
         _pipelines.popitem(last=False)
-    return pipe
+    return _pipelines[model_id]
+
+
+def forget_pipeline(model_id: str) -> None:
+    _pipelines.pop(model_id, None)
 
 
 def artifact_dir(artifact: Artifact, storage: Storage, settings: Settings) -> Path:
@@ -62,42 +62,55 @@ def artifact_dir(artifact: Artifact, storage: Storage, settings: Settings) -> Pa
     return local
 
 
+@dataclass
+class Use:
+    """One artifact as a request uses it, resolved by the worker."""
+
+    artifact: Artifact
+    scale: float
+    image: Any | None  # PIL
+
+
 def generate_images(
-    *, spec: GenerationSpec, artifacts: list[tuple[Artifact, float]], settings: Settings, storage: Storage
+    *, spec: GenerationSpec, uses: list[Use], settings: Settings, storage: Storage
 ) -> list[Any]:
+    from core.base_loader import image_encoder_folder
+    from core.generation_context import ArtifactUse, GenerationContext, applied
     from core.methods import get_method
 
-    pipe = get_pipeline(spec.base_model, settings, storage)
-    names = []
-    try:
-        for index, (artifact, scale) in enumerate(artifacts):
-            method = get_method(artifact.method)
-            name = f"a{index}"
-            method.apply(
-                pipe,
-                artifact_dir(artifact, storage, settings),
-                artifact.manifest,
-                scale=scale,
-                adapter_name=name,
-            )
-            names.append(name)
-        if names:
-            pipe.set_adapters(names, adapter_weights=[scale for _, scale in artifacts])
-        generator = torch.Generator("cpu").manual_seed(spec.seed if spec.seed is not None else 0)
-        result = pipe(
-            prompt=spec.prompt,
-            negative_prompt=spec.negative_prompt,
-            num_inference_steps=spec.steps,
-            guidance_scale=spec.guidance_scale,
-            width=spec.width,
-            height=spec.height,
-            num_images_per_prompt=spec.num_images,
-            generator=generator,
+    pipe, base_path = get_pipeline(spec.base_model, settings, storage)
+    ctx = GenerationContext(
+        pipe=pipe, base_path=base_path, image_encoder_path=image_encoder_folder(base_path, settings)
+    )
+    applications = [
+        (
+            get_method(use.artifact.method),
+            artifact_dir(use.artifact, storage, settings),
+            use.artifact.manifest,
+            ArtifactUse(adapter_name=f"a{index}", scale=use.scale, image=use.image),
         )
-        return list(result.images)
+        for index, use in enumerate(uses)
+    ]
+    generator = torch.Generator("cpu").manual_seed(spec.seed if spec.seed is not None else 0)
+    try:
+        with applied(ctx, applications) as call:
+            result = call(
+                prompt=spec.prompt,
+                negative_prompt=spec.negative_prompt,
+                num_inference_steps=spec.steps,
+                guidance_scale=spec.guidance_scale,
+                width=spec.width,
+                height=spec.height,
+                num_images_per_prompt=spec.num_images,
+                generator=generator,
+                **ctx.call_kwargs,
+                **ctx.controlnet_kwargs(),
+            )
     finally:
-        if names:
-            pipe.delete_adapters(names)
+        # An undo that failed may have left the cached pipeline changed: load it afresh next time.
+        if ctx.dirty:
+            forget_pipeline(spec.base_model)
+    return list(result.images)
 
 
 def _png(image: Any, spec: GenerationSpec, index: int) -> bytes:
@@ -120,10 +133,20 @@ def run_generation(*, generation_id: str, settings: Settings, storage: Storage) 
         generation = session.get(Generation, generation_id)
         assert generation is not None
         spec = GenerationSpec.model_validate(generation.spec)
-        artifacts = [(session.get(Artifact, ref.artifact_id), ref.scale) for ref in spec.loras]
         tenant_id = generation.tenant_id
+        refs = spec.uses()
+        rows = {ref.artifact_id: session.get(Artifact, ref.artifact_id) for ref in refs}
     try:
-        images = generate_images(spec=spec, artifacts=artifacts, settings=settings, storage=storage)  # type: ignore[arg-type]
+        from core.generation_images import load_image
+
+        uses = []
+        for ref in refs:
+            row = rows[ref.artifact_id]
+            if row is None:
+                raise LookupError(f"artifact {ref.artifact_id} no longer exists")
+            image = load_image(ref.image, tenant_id, storage) if ref.image else None
+            uses.append(Use(row, ref.scale, image))
+        images = generate_images(spec=spec, uses=uses, settings=settings, storage=storage)
         keys = []
         for index, image in enumerate(images):
             key = f"tenants/{tenant_id}/generations/{generation_id}/{index}.png"

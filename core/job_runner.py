@@ -21,7 +21,7 @@ from core import jobs
 from core.config import Settings
 from core.db import session_scope
 from core.models import Dataset, Job, JobStatus
-from core.storage import Storage, download_prefix, upload_dir
+from core.storage import ObjectNotFound, Storage, download_prefix, upload_dir
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +153,41 @@ class JobHooks:
                 data={"step": step, "images": stored},
             )
 
+    def cached_images(self, *, key: str, count: int, make: Any) -> list[Any]:
+        """Images derived from the base alone (DreamBooth's class images), kept per tenant and
+        reused by later jobs; `index.json` is written last, so a half-written set is never read."""
+        from PIL import Image
+
+        prefix = f"tenants/{self.tenant_id}/cache/images/{key}"
+        try:
+            index = json.loads(self.storage.get_bytes(f"{prefix}/index.json"))
+        except ObjectNotFound:
+            index = None
+        if index is not None and index.get("count") == count:
+            images = []
+            for name in index["files"]:
+                with Image.open(
+                    io.BytesIO(self.storage.get_bytes(f"{prefix}/{name}")), formats=["PNG"]
+                ) as im:
+                    images.append(im.convert("RGB"))
+            self._event("cached_images", {"key": key, "count": count, "reused": True})
+            return images
+        images = make(count)
+        names = []
+        for number, image in enumerate(images):
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            names.append(f"{number:05d}.png")
+            self.storage.put_bytes(f"{prefix}/{names[-1]}", buffer.getvalue(), content_type="image/png")
+        index_bytes = json.dumps({"count": count, "files": names}).encode()
+        self.storage.put_bytes(f"{prefix}/index.json", index_bytes, content_type="application/json")
+        self._event("cached_images", {"key": key, "count": count, "reused": False})
+        return images
+
+    def _event(self, type_: str, data: dict[str, Any]) -> None:
+        with session_scope(self.settings.database_url) as session:
+            jobs.add_event(session=session, job_id=self.job_id, attempt=self.attempt, type=type_, data=data)
+
 
 def run_training_job(*, job_id: str, settings: Settings, storage: Storage, worker_id: str) -> str | None:
     """Run one attempt of the job if it can be claimed. Returns the final or interim status."""
@@ -187,6 +222,7 @@ def _attempt(
     hooks: JobHooks,
     workdir: Path,
 ) -> str:
+    from core.methods.base import MethodInputError
     from core.training.progress import StopTraining
 
     attempt_prefix = f"{job_prefix(job.tenant_id, job.id)}/attempt-{attempt}"
@@ -205,7 +241,8 @@ def _attempt(
     except jobs.LeaseLost:
         storage.delete_prefix(attempt_prefix + "/")
         return "lease_lost"
-    except PermanentJobError as exc:
+    except (PermanentJobError, MethodInputError) as exc:
+        storage.delete_prefix(attempt_prefix + "/")
         return _finish(settings, job.id, attempt, JobStatus.failed, code=exc.code, message=str(exc))
     except Exception as exc:
         storage.delete_prefix(attempt_prefix + "/")

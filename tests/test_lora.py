@@ -19,6 +19,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from core.artifacts import ArtifactError, verify_manifest
+from core.generation_context import ArtifactUse, GenerationContext
 from core.methods import UnknownMethod, get_method
 from core.methods.lora import WEIGHT_NAME, LoraMethod
 from core.methods.params import JobSpec
@@ -74,7 +75,8 @@ def assert_round_trip(base: Any, result: TrainResult, encoders: tuple[str, ...])
     verify_manifest(result.artifact_dir)
     pipe = fresh_pipeline(base)
     before = generate(pipe)
-    LoraMethod().apply(pipe, result.artifact_dir, {}, scale=1.0, adapter_name="trained")
+    ctx = GenerationContext(pipe=pipe, base_path=base.path)
+    LoraMethod().apply(ctx, result.artifact_dir, {}, ArtifactUse("trained"))
     for name in ("unet", *encoders):
         trained = get_peft_model_state_dict(getattr(base, name), adapter_name="default")
         loaded = get_peft_model_state_dict(getattr(pipe, name), adapter_name="trained")
@@ -207,7 +209,8 @@ def test_lora_learns_a_colour_the_base_never_makes(tiny_cache: Path, tmp_path: P
 
     pipe = fresh_pipeline(base)
     without = images(pipe)
-    get_method("lora").apply(pipe, result.artifact_dir, {}, scale=1.0, adapter_name="sks")
+    ctx = GenerationContext(pipe=pipe, base_path=base.path)
+    get_method("lora").apply(ctx, result.artifact_dir, {}, ArtifactUse("sks"))
     learned = images(pipe)
     before, after = mean_colour_distance(without, MAGENTA), mean_colour_distance(learned, MAGENTA)
     # Measured: base ~211, with the LoRA ~87. The tiny VAE itself reconstructs the training images

@@ -19,7 +19,7 @@ from core.config import Settings
 from core.methods.params import JobSpec
 from core.training import checkpoint
 from core.training.buckets import BucketSampler, assign, bucket_sizes, nearest_bucket, place, resize_and_crop
-from core.training.caching import build_training_data, time_ids_for
+from core.training.caching import TrainingItem, build_training_data, time_ids_for
 from core.training.loop import train
 from core.training.objective import DiffusionObjective
 from core.training.progress import NullHooks, StopTraining
@@ -239,7 +239,7 @@ def test_caption_ids_are_kept_when_the_text_encoder_trains(tiny_cache: Path) -> 
     base = load_tiny(tiny_cache)
     data = build_training_data(
         base=base,
-        items=items_for_loop(),
+        items=[TrainingItem(i.image, (i.caption or "",)) for i in items_for_loop()],
         resolution=32,
         random_flip=False,
         encode_captions=False,

@@ -16,6 +16,11 @@ if TYPE_CHECKING:
 
 _REGISTRY: dict[str, tuple[str, str]] = {
     "lora": ("core.methods.lora", "LoraMethod"),
+    "dreambooth": ("core.methods.dreambooth", "DreamBoothMethod"),
+    "textual_inversion": ("core.methods.textual_inversion", "TextualInversionMethod"),
+    "hypernetwork": ("core.methods.hypernetwork", "HypernetworkMethod"),
+    "controlnet": ("core.methods.controlnet", "ControlNetMethod"),
+    "ip_adapter": ("core.methods.ip_adapter", "IPAdapterMethod"),
 }
 
 

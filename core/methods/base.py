@@ -13,15 +13,27 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 
-from core.training.caching import Batch, encode_text
+from core.training.caching import Batch, CaptionedImage, TrainingItem, TrainingSet, encode_text
 from core.training.objective import DiffusionObjective
 
 if TYPE_CHECKING:
+    from PIL import Image
     from pydantic import BaseModel
 
+    from core.generation_context import ArtifactUse, GenerationContext
     from core.methods.params import TrainingParams
+    from core.training.progress import TrainingHooks
 
 SAMPLE_STEPS = 25
+
+
+class MethodInputError(ValueError):
+    """The job's inputs cannot work (a placeholder token already in the vocabulary, a dataset image
+    without its conditioning image): the job fails at once with `code`, no retry."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class Trainable(torch.nn.Module):
@@ -38,6 +50,23 @@ class Trainable(torch.nn.Module):
         )
 
     # --- the loop's view -------------------------------------------------------------------
+    def training_items(
+        self, items: list[CaptionedImage], *, resolution: int, hooks: TrainingHooks
+    ) -> TrainingSet:
+        """What the loop caches. Called once, after the models are on the training device and
+        before any step. Default: each image with its caption ("" when it has none)."""
+        return TrainingSet(
+            [
+                TrainingItem(item.image, (item.caption or "",), getattr(item, "conditioning", None))
+                for item in items
+            ]
+        )
+
+    def image_features(self, images: list[Image.Image]) -> torch.Tensor | None:
+        """Per-image features cached with the latents (IP-Adapter: the frozen image encoder's
+        embedding); `images` are the training crops. None: nothing to cache."""
+        return None
+
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
@@ -130,5 +159,8 @@ class Method(Protocol):
     ) -> Trainable: ...
 
     def apply(
-        self, pipe: Any, artifact_dir: Path, manifest: dict[str, Any], *, scale: float, adapter_name: str
-    ) -> Any: ...
+        self, ctx: GenerationContext, artifact_dir: Path, manifest: dict[str, Any], use: ArtifactUse
+    ) -> None:
+        """Change `ctx.pipe` (or add call kwargs / ControlNets) for one request, and push onto
+        `ctx.undo` whatever puts the shared, cached pipeline back exactly as it was."""
+        ...

@@ -13,7 +13,7 @@ The LoRA tests load the file into a fresh pipeline and check every trained tenso
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
@@ -21,6 +21,9 @@ from peft.utils import get_peft_model_state_dict
 
 from core.methods.base import Trainable
 from core.methods.params import LoraParams, TrainingParams
+
+if TYPE_CHECKING:
+    from core.generation_context import ArtifactUse, GenerationContext
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 ADAPTER = "default"  # the adapter name peft's add_adapter uses while training
@@ -110,12 +113,14 @@ class LoraMethod:
         return LoraTrainable(base, params, training, device=device)
 
     def apply(
-        self, pipe: Any, artifact_dir: Path, manifest: dict[str, Any], *, scale: float, adapter_name: str
-    ) -> Any:
-        """Load the LoRA as `adapter_name` at `scale`, leaving adapters loaded earlier as they were."""
-        pipe.load_lora_weights(str(artifact_dir), weight_name=WEIGHT_NAME, adapter_name=adapter_name)
-        set_adapter_scale(pipe, adapter_name, scale)
-        return pipe
+        self, ctx: GenerationContext, artifact_dir: Path, manifest: dict[str, Any], use: ArtifactUse
+    ) -> None:
+        """Load the LoRA as `use.adapter_name` at `use.scale`, beside adapters loaded before it."""
+        pipe, name = ctx.pipe, use.adapter_name
+        pipe.load_lora_weights(str(artifact_dir), weight_name=WEIGHT_NAME, adapter_name=name)
+        # Deleting the last adapter leaves peft's wrappers computing exactly the base layer.
+        ctx.undo.append(lambda: pipe.delete_adapters([name]))
+        set_adapter_scale(pipe, name, use.scale)
 
 
 def set_adapter_scale(pipe: Any, adapter_name: str, scale: float) -> None:

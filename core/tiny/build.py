@@ -34,6 +34,7 @@ def _recipe() -> str:
 
 RECIPE = _recipe()
 NAMES = ("tiny-sd", "tiny-sdxl")
+IMAGE_ENCODER = "image_encoder"
 SEED = 1234
 
 
@@ -67,7 +68,11 @@ def build(name: str, out_dir: Path, *, vae_dir: Path | None = None) -> dict[str,
         vae = _vae(vae_dir)
         vae_s = time.perf_counter() - started
         pipe = _sd_pipeline(vae) if name == "tiny-sd" else _sdxl_pipeline(vae)
+        encoder = components.image_encoder()
     pipe.save_pretrained(out_dir, safe_serialization=True)
+    # Beside the pipeline, not in model_index.json: real bases get theirs from the IP-Adapter
+    # release (h94/IP-Adapter's `image_encoder/`), and a plain pipeline load should not carry it.
+    encoder.save_pretrained(out_dir / IMAGE_ENCODER, safe_serialization=True)
     for folder in ("tokenizer", "tokenizer_2"):
         if (out_dir / folder).exists():
             # Keep the canonical vocab.json + merges.txt form (any transformers version, slow or

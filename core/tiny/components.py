@@ -10,7 +10,14 @@ import json
 from pathlib import Path
 
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+)
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 IMAGE_SIZE = 32
@@ -75,6 +82,24 @@ def sdxl_text_encoders() -> tuple[CLIPTextModel, CLIPTextModelWithProjection]:
     first = CLIPTextModel(_text_config(layers=3))
     second = CLIPTextModelWithProjection(_text_config(layers=3, projection_dim=TEXT_HIDDEN))
     return first, second
+
+
+def image_encoder() -> CLIPVisionModelWithProjection:
+    """The frozen image encoder IP-Adapter reads: a CLIP ViT at the tiny image size.
+
+    It stays random: a random ViT's embedding still separates the world's colours and layouts, and
+    IP-Adapter trains only the projection and the new key/value weights on top of it.
+    """
+    config = CLIPVisionConfig(
+        image_size=IMAGE_SIZE,
+        patch_size=8,  # 4x4 patches of the 32px image
+        hidden_size=TEXT_HIDDEN,
+        intermediate_size=2 * TEXT_HIDDEN,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        projection_dim=TEXT_HIDDEN,
+    )
+    return CLIPVisionModelWithProjection(config)
 
 
 def vae() -> AutoencoderKL:

@@ -10,14 +10,17 @@ otherwise.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 import torch
+from PIL import Image
 
 from core.training.buckets import BucketSampler, Placement, assign, resize_and_crop
 
+ImageFeatures = Callable[[list[Any]], torch.Tensor | None]  # training crops -> (n, ...) features
 ENCODE_CHUNK = 8
 TEXT_CHUNK = 32
 # Keep the cache on the GPU below this size; above it, pinned host memory and async copies.
@@ -25,8 +28,27 @@ DEVICE_CACHE_BYTES = 4 << 30
 
 
 class CaptionedImage(Protocol):
+    """A dataset item as the worker loads it (core.datasets.DatasetItem)."""
+
     image: Any  # PIL image
     caption: str | None
+
+
+@dataclass
+class TrainingItem:
+    """One image as the loop caches it: what a method's `training_items` makes of a dataset item."""
+
+    image: Any  # PIL RGB image
+    # Alternatives: each use of the image draws one (textual inversion's templates); usually one.
+    captions: tuple[str, ...]
+    conditioning: Any | None = None  # PIL RGB image, same aspect as `image` (ControlNet)
+
+
+@dataclass
+class TrainingSet:
+    items: list[TrainingItem]
+    # DreamBooth's class images: every micro-batch then carries a prior micro-batch of the same size.
+    prior: list[TrainingItem] | None = None
 
 
 @dataclass
@@ -41,6 +63,18 @@ class Batch:
     input_ids: torch.Tensor | None = None  # when a text encoder trains
     input_ids_2: torch.Tensor | None = None
     time_ids: torch.Tensor | None = None  # SDXL micro-conditioning
+    # The empty prompt's conditioning, (1, ...), for methods that drop captions to train guidance:
+    # cached embeddings when the text encoders are frozen, else token ids.
+    uncond_hidden_states: torch.Tensor | None = None
+    uncond_pooled_embeds: torch.Tensor | None = None
+    uncond_input_ids: torch.Tensor | None = None
+    uncond_input_ids_2: torch.Tensor | None = None
+    conditioning: torch.Tensor | None = None  # (B, 3, H, W) in [0, 1], pixel size (ControlNet)
+    image_features: torch.Tensor | None = None  # (B, ...) from Trainable.image_features (IP-Adapter)
+    # One uniform [0, 1) draw per sample from the step's generator, for per-sample dropout decisions
+    # (drop the caption, the image, both) that stay a pure function of (seed, step).
+    drop: torch.Tensor | None = None
+    prior: Batch | None = None  # DreamBooth: the class-image micro-batch drawn with this one
 
     def __len__(self) -> int:
         return self.latents.shape[0]
@@ -94,7 +128,10 @@ class BucketCache:
     mean: torch.Tensor  # (n, flips, C, h, w), scaled latent space
     std: torch.Tensor
     time_ids: torch.Tensor  # (n, flips, 6): original size, crop top-left, target size (all h, w)
-    caption_index: torch.Tensor  # (n,)
+    caption_index: torch.Tensor  # (n, K): caption alternatives, padded by repeating
+    caption_count: torch.Tensor  # (n,): how many of the K are real
+    conditioning: torch.Tensor | None = None  # (n, flips, 3, H, W) uint8 pixels
+    features: torch.Tensor | None = None  # (n, ...) from the method's image_features
 
 
 @dataclass
@@ -103,6 +140,7 @@ class TextCache:
     pooled: torch.Tensor | None
     input_ids: torch.Tensor | None  # (captions, L) when a text encoder trains
     input_ids_2: torch.Tensor | None
+    empty_index: int = 0  # the row of the empty prompt ("" is always cached)
 
 
 def time_ids_for(placement: Placement, flipped: bool) -> list[float]:
@@ -127,29 +165,56 @@ def _encode_latents(vae: Any, pixels: torch.Tensor) -> tuple[torch.Tensor, torch
 
 
 def _cache_bucket(
-    base: Any, images: list[Any], placements: list[Placement], caption_index: list[int], flips: int
+    base: Any,
+    items: list[TrainingItem],
+    placements: list[Placement],
+    caption_rows: list[list[int]],
+    flips: int,
+    image_features: ImageFeatures | None,
 ) -> BucketCache:
-    views, time_ids = [], []
-    for image, placement in zip(images, placements, strict=True):
-        pixels = to_pixels(resize_and_crop(image, placement))
+    views, time_ids, crops, conditioning = [], [], [], []
+    for item, placement in zip(items, placements, strict=True):
+        crop = resize_and_crop(item.image, placement)
+        crops.append(crop)
+        pixels = to_pixels(crop)
         views += [pixels, pixels.flip(-1)][:flips]
         time_ids.append([time_ids_for(placement, flipped) for flipped in (False, True)[:flips]])
+        if item.conditioning is not None:
+            control = _conditioning_pixels(item.conditioning, item.image.size, placement)
+            conditioning.append(torch.stack([control, control.flip(-1)][:flips]))
+    if conditioning and len(conditioning) != len(items):
+        raise ValueError("either every training image has a conditioning image or none does")
     mean, std = _encode_latents(base.vae, torch.stack(views))
-    n = len(images)
+    n = len(items)
+    width = max(len(rows) for rows in caption_rows)
+    features = image_features(crops) if image_features is not None else None
     return BucketCache(
         size=placements[0].size,
         mean=mean.view(n, flips, *mean.shape[1:]),
         std=std.view(n, flips, *std.shape[1:]),
         time_ids=torch.tensor(time_ids, dtype=torch.float32),
-        caption_index=torch.tensor(caption_index, dtype=torch.long),
+        caption_index=torch.tensor([(rows * width)[:width] for rows in caption_rows], dtype=torch.long),
+        caption_count=torch.tensor([len(rows) for rows in caption_rows], dtype=torch.long),
+        conditioning=torch.stack(conditioning) if conditioning else None,
+        features=features.detach().float().cpu() if features is not None else None,
     )
+
+
+def _conditioning_pixels(image: Any, image_size: tuple[int, int], placement: Placement) -> torch.Tensor:
+    """The conditioning image cropped exactly as its image: (3, H, W) uint8."""
+    image = image.convert("RGB")
+    if image.size != image_size:  # same aspect (the dataset checks it), another size: match first
+        image = image.resize(image_size, resample=Image.Resampling.BICUBIC)
+    array = np.asarray(resize_and_crop(image, placement), dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
 @torch.no_grad()
 def _cache_text(base: Any, captions: list[str], *, encode: bool) -> TextCache:
+    empty = captions.index("")
     input_ids, input_ids_2 = tokenize(base, captions)
     if not encode:
-        return TextCache(None, None, input_ids, input_ids_2)
+        return TextCache(None, None, input_ids, input_ids_2, empty)
     device = base.text_encoder.device
     hidden, pooled = [], []
     for start in range(0, len(captions), TEXT_CHUNK):
@@ -158,7 +223,7 @@ def _cache_text(base: Any, captions: list[str], *, encode: bool) -> TextCache:
         h, p = encode_text(base, input_ids[part].to(device), ids_2)
         hidden.append(h)
         pooled.append(p)
-    return TextCache(torch.cat(hidden), None if pooled[0] is None else torch.cat(pooled), None, None)
+    return TextCache(torch.cat(hidden), None if pooled[0] is None else torch.cat(pooled), None, None, empty)
 
 
 def step_generators(seed: int, index: int, device: torch.device) -> tuple[torch.Generator, torch.Generator]:
@@ -188,17 +253,33 @@ class TrainingData:
         self.noise_offset, self.num_train_timesteps = noise_offset, num_train_timesteps
         self.sampler = BucketSampler([len(b.caption_index) for b in buckets], batch_size, seed)
         self.image_count = sum(len(b.caption_index) for b in buckets)
-        nbytes = sum(t.nbytes for b in buckets for t in (b.mean, b.std))
+        nbytes = sum(t.nbytes for b in buckets for t in (b.mean, b.std, b.conditioning) if t is not None)
         # On CUDA a cache that fits stays on the GPU; a larger one waits in pinned host memory.
         self._store = torch.device("cpu") if nbytes > DEVICE_CACHE_BYTES else device
         pin = self._store.type == "cpu" and device.type == "cuda"
         self.buckets = [
-            BucketCache(b.size, *(self._keep(t, pin) for t in (b.mean, b.std, b.time_ids, b.caption_index)))
+            BucketCache(
+                b.size,
+                *(
+                    self._keep(t, pin)
+                    for t in (
+                        b.mean,
+                        b.std,
+                        b.time_ids,
+                        b.caption_index,
+                        b.caption_count,
+                        b.conditioning,
+                        b.features,
+                    )
+                ),
+            )
             for b in buckets
         ]
         self.text = TextCache(
-            *(self._keep(t, pin) for t in (text.hidden, text.pooled, text.input_ids, text.input_ids_2))
+            *(self._keep(t, pin) for t in (text.hidden, text.pooled, text.input_ids, text.input_ids_2)),
+            text.empty_index,
         )
+        self._empty = torch.tensor([text.empty_index], dtype=torch.long, device=self._store)
 
     def _keep(self, tensor: torch.Tensor | None, pin: bool) -> torch.Tensor | None:
         if tensor is None:
@@ -237,23 +318,53 @@ class TrainingData:
         timesteps = torch.randint(
             0, self.num_train_timesteps, (len(rows),), generator=on_device, device=self.device
         )
-        captions = bucket.caption_index[rows_t]
+        # One caption alternative per sample, drawn after everything above so a dataset with one
+        # caption per image keeps the random stream it always had.
+        # Drawn where the cache lives, so the pick never crosses devices (no host sync).
+        where = host if self._store.type == "cpu" else on_device
+        count = bucket.caption_count[rows_t]
+        pick = (torch.rand(count.shape, generator=where, device=self._store) * count).long()
+        captions = bucket.caption_index[rows_t, pick]
+        drop = torch.rand((len(rows),), generator=on_device, device=self.device)
+        conditioning = self._gather(bucket.conditioning, rows_t, flips)
+        text = self.text
         return Batch(
             latents=latents,
             noise=noise,
             timesteps=timesteps,
-            encoder_hidden_states=self._gather(self.text.hidden, captions),
-            pooled_embeds=self._gather(self.text.pooled, captions),
-            input_ids=self._gather(self.text.input_ids, captions),
-            input_ids_2=self._gather(self.text.input_ids_2, captions),
+            encoder_hidden_states=self._gather(text.hidden, captions),
+            pooled_embeds=self._gather(text.pooled, captions),
+            input_ids=self._gather(text.input_ids, captions),
+            input_ids_2=self._gather(text.input_ids_2, captions),
             time_ids=self._gather(bucket.time_ids, rows_t, flips),
+            uncond_hidden_states=self._gather(text.hidden, self._empty),
+            uncond_pooled_embeds=self._gather(text.pooled, self._empty),
+            uncond_input_ids=self._gather(text.input_ids, self._empty),
+            uncond_input_ids_2=self._gather(text.input_ids_2, self._empty),
+            conditioning=conditioning.float() / 255.0 if conditioning is not None else None,
+            image_features=self._gather(bucket.features, rows_t),
+            drop=drop,
         )
+
+
+class PairedData:
+    """DreamBooth's prior preservation: each instance micro-batch carries a class micro-batch of the
+    same size, drawn from the class images with its own seed, as `batch.prior`."""
+
+    def __init__(self, instance: TrainingData, prior: TrainingData) -> None:
+        self.instance, self.prior = instance, prior
+        self.image_count = instance.image_count
+
+    def micro_batch(self, index: int) -> Batch:
+        batch = self.instance.micro_batch(index)
+        batch.prior = self.prior.micro_batch(index)
+        return batch
 
 
 def build_training_data(
     *,
     base: Any,
-    items: list[CaptionedImage],
+    items: list[TrainingItem],
     resolution: int,
     random_flip: bool,
     encode_captions: bool,
@@ -261,23 +372,26 @@ def build_training_data(
     seed: int,
     noise_offset: float,
     device: torch.device,
+    image_features: ImageFeatures | None = None,
 ) -> TrainingData:
     """Bucket, encode and cache `items` once; `encode_captions=False` keeps token ids instead."""
     if not items:
         raise ValueError("the dataset has no images")
-    images = [item.image if item.image.mode == "RGB" else item.image.convert("RGB") for item in items]
-    captions = [item.caption or "" for item in items]
-    unique = sorted(set(captions))
-    caption_index = [unique.index(c) for c in captions]
-    placements, groups = assign([image.size for image in images], resolution, bucket_step(base))
+    items = [_rgb(item) for item in items]
+    # "" is always cached: methods that drop captions to train guidance use it.
+    unique = sorted({""} | {c for item in items for c in item.captions})
+    row = {caption: i for i, caption in enumerate(unique)}
+    caption_rows = [[row[c] for c in (item.captions or ("",))] for item in items]
+    placements, groups = assign([item.image.size for item in items], resolution, bucket_step(base))
     flips = 2 if random_flip else 1
     buckets = [
         _cache_bucket(
             base,
-            [images[i] for i in members],
+            [items[i] for i in members],
             [placements[i] for i in members],
-            [caption_index[i] for i in members],
+            [caption_rows[i] for i in members],
             flips,
+            image_features,
         )
         for members in groups.values()
     ]
@@ -290,3 +404,9 @@ def build_training_data(
         num_train_timesteps=int(base.noise_scheduler.config.num_train_timesteps),
         device=device,
     )
+
+
+def _rgb(item: TrainingItem) -> TrainingItem:
+    if item.image.mode == "RGB":
+        return item
+    return TrainingItem(item.image.convert("RGB"), item.captions, item.conditioning)

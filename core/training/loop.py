@@ -23,10 +23,16 @@ import torch
 
 from core.artifacts import write_manifest
 from core.methods import get_method
-from core.methods.base import Trainable
+from core.methods.base import MethodInputError, Trainable
 from core.methods.params import JobSpec, TrainingParams
 from core.training import checkpoint
-from core.training.caching import CaptionedImage, TrainingData, build_training_data
+from core.training.caching import (
+    CaptionedImage,
+    PairedData,
+    TrainingData,
+    TrainingItem,
+    build_training_data,
+)
 from core.training.progress import TrainingHooks
 
 log = logging.getLogger(__name__)
@@ -108,9 +114,7 @@ def _optimizer(
 
     if not params:
         raise ValueError("the method marked no parameters as trainable")
-    # Fused AdamW: one kernel for all parameters instead of a loop over them (CUDA and CPU alike).
-    fused = device.type in ("cuda", "cpu")
-    optimizer = torch.optim.AdamW(params, lr=training.learning_rate, fused=fused)
+    optimizer = _make_optimizer(training.optimizer, params, training.learning_rate, device)
     lr_scheduler = get_scheduler(
         training.lr_scheduler,
         optimizer=optimizer,
@@ -120,13 +124,37 @@ def _optimizer(
     return optimizer, lr_scheduler
 
 
+def _make_optimizer(
+    name: str, params: list[torch.nn.Parameter], lr: float, device: torch.device
+) -> torch.optim.Optimizer:
+    if name == "adamw_8bit":
+        # 8-bit moments: a quarter of AdamW's optimizer memory, what full fine-tunes need on 24 GB.
+        try:
+            import bitsandbytes as bnb  # type: ignore[import-not-found]
+        except ImportError:
+            raise MethodInputError(
+                "optimizer_unavailable",
+                "optimizer adamw_8bit needs bitsandbytes, not installed on this worker",
+            ) from None
+        if device.type != "cuda":
+            raise MethodInputError("optimizer_unavailable", "optimizer adamw_8bit needs a CUDA device")
+        return bnb.optim.AdamW8bit(params, lr=lr)
+    if name == "adafactor":
+        # Factored second moments (row + column) instead of a full copy of every weight.
+        from transformers.optimization import Adafactor
+
+        return Adafactor(params, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False)
+    # Fused AdamW: one kernel for all parameters instead of a loop over them (CUDA and CPU alike).
+    return torch.optim.AdamW(params, lr=lr, fused=device.type in ("cuda", "cpu"))
+
+
 @dataclass
 class _Run:
     """Everything one step needs, built once by `train`."""
 
     spec: JobSpec
     trainable: Trainable
-    data: TrainingData
+    data: TrainingData | PairedData
     optimizer: torch.optim.Optimizer
     lr_scheduler: Any
     scaler: torch.amp.GradScaler
@@ -141,8 +169,7 @@ class _Run:
         return self.spec.training
 
     def autocast(self) -> torch.autocast:
-        dtype = self.precision.autocast_dtype
-        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+        return _autocast(self.device, self.precision)
 
 
 def _optimizer_step(run: _Run, step: int, params: list[torch.nn.Parameter]) -> tuple[torch.Tensor, int]:
@@ -287,6 +314,35 @@ def _loop(run: _Run, start: int) -> tuple[float, float, list[tuple[int, float]]]
     return last_loss, meter.overall_rate(), history
 
 
+def _autocast(device: torch.device, precision: Precision) -> torch.autocast:
+    dtype = precision.autocast_dtype
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def _cache(
+    base: Any,
+    trainable: Trainable,
+    items: list[TrainingItem],
+    training: TrainingParams,
+    resolution: int,
+    device: torch.device,
+    *,
+    seed_offset: int = 0,
+) -> TrainingData:
+    return build_training_data(
+        base=base,
+        items=items,
+        resolution=resolution,
+        random_flip=training.random_flip,
+        encode_captions=not trainable.text_encoder_trains,
+        batch_size=training.batch_size,
+        seed=training.seed + seed_offset,
+        noise_offset=training.noise_offset,
+        device=device,
+        image_features=trainable.image_features,
+    )
+
+
 def train(
     *,
     spec: JobSpec,
@@ -309,17 +365,16 @@ def train(
     _freeze(base)
     trainable = method.build(base, spec.params, training, device=device)
     _prepare_models(base, trainable, device, precision, training)
-    data = build_training_data(
-        base=base,
-        items=items,
-        resolution=resolution,
-        random_flip=training.random_flip,
-        encode_captions=not trainable.text_encoder_trains,
-        batch_size=training.batch_size,
-        seed=training.seed,
-        noise_offset=training.noise_offset,
-        device=device,
+    with torch.no_grad(), _autocast(device, precision):
+        # Methods may generate here (DreamBooth's class images) with the base as it is before training.
+        training_set = trainable.training_items(items, resolution=resolution, hooks=hooks)
+    # Outside autocast: the VAE encodes the cache in fp32.
+    data: TrainingData | PairedData = _cache(
+        base, trainable, training_set.items, training, resolution, device
     )
+    if training_set.prior:
+        prior = _cache(base, trainable, training_set.prior, training, resolution, device, seed_offset=1)
+        data = PairedData(data, prior)
     optimizer, lr_scheduler = _optimizer(trainable.trainable_parameters(), training, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.grad_scaler)
     run = _Run(

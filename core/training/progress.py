@@ -9,6 +9,7 @@ so a hooks object that reports rarely keeps the GPU free of host syncs.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -33,6 +34,12 @@ class TrainingHooks(Protocol):
     def load_checkpoint(self) -> tuple[int, Path] | None: ...
 
     def save_samples(self, *, step: int, images: list[Any], prompts: list[str]) -> None: ...
+
+    def cached_images(self, *, key: str, count: int, make: Callable[[int], list[Any]]) -> list[Any]:
+        """`count` images stored under `key` by an earlier job, or `make(count)` (PIL images), stored
+        for the next one. `key` must name everything the images depend on (DreamBooth's class images:
+        base fingerprint, prompt, count, size, steps, seed)."""
+        ...
 
 
 class Throttle:
@@ -70,6 +77,9 @@ class NullHooks:
 
     def save_samples(self, *, step: int, images: list[Any], prompts: list[str]) -> None:
         return None
+
+    def cached_images(self, *, key: str, count: int, make: Callable[[int], list[Any]]) -> list[Any]:
+        return make(count)
 
 
 class ConsoleHooks(NullHooks):

@@ -1,0 +1,108 @@
+"""What a method's `apply` works on: one generation request against a shared, cached pipeline.
+
+Base pipelines are cached per worker process, so every change an artifact makes (adapters, tokens,
+attention processors, a swapped UNet) must be undone after the request. Each `apply` pushes its own
+undo; `applied` runs them last-first, also when generation fails, so nothing leaks into the next
+request. Artifacts are applied in a fixed order (dreambooth, textual inversion, lora, hypernetwork,
+ip_adapter, controlnet) so that, for example, LoRA layers land on a DreamBooth UNet rather than on
+the base's.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+APPLY_ORDER = ("dreambooth", "textual_inversion", "lora", "hypernetwork", "ip_adapter", "controlnet")
+
+
+@dataclass
+class ArtifactUse:
+    """How one request uses one artifact."""
+
+    adapter_name: str  # unique within the request, e.g. "a0"
+    # LoRA scale, hypernetwork strength, ControlNet conditioning scale or IP-Adapter scale.
+    scale: float = 1.0
+    image: Any | None = None  # PIL RGB: ControlNet conditioning image, IP-Adapter reference image
+
+
+@dataclass
+class ControlNetUse:
+    model: Any  # ControlNetModel on the pipeline's device and dtype
+    image: Any  # PIL conditioning image
+    scale: float
+
+
+@dataclass
+class GenerationContext:
+    pipe: Any  # the cached base pipeline; whatever changes it must push an undo
+    base_path: Path  # the base's local diffusers folder
+    image_encoder_path: Path | None = None  # the frozen CLIP image encoder IP-Adapter uses, if any
+    call_kwargs: dict[str, Any] = field(default_factory=dict)  # merged into pipe(...)
+    controlnets: list[ControlNetUse] = field(default_factory=list)
+    undo: list[Callable[[], None]] = field(default_factory=list)
+    dirty: bool = False  # an undo failed: the cached pipeline must not serve another request
+
+    def pipeline(self) -> Any:
+        """The pipeline to call: the base's, or its ControlNet variant over the same components."""
+        if not self.controlnets:
+            return self.pipe
+        from diffusers import StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
+        from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
+
+        models = [c.model for c in self.controlnets]
+        controlnet = models[0] if len(models) == 1 else MultiControlNetModel(models)
+        sdxl = getattr(self.pipe, "text_encoder_2", None) is not None
+        cls = StableDiffusionXLControlNetPipeline if sdxl else StableDiffusionControlNetPipeline
+        components = {k: v for k, v in self.pipe.components.items() if k in _init_names(cls)}
+        pipe = cls(**components, controlnet=controlnet)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def controlnet_kwargs(self) -> dict[str, Any]:
+        if not self.controlnets:
+            return {}
+        single = len(self.controlnets) == 1
+        images = [c.image for c in self.controlnets]
+        scales = [c.scale for c in self.controlnets]
+        return {
+            "image": images[0] if single else images,
+            "controlnet_conditioning_scale": scales[0] if single else scales,
+        }
+
+
+def _init_names(cls: Any) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(cls.__init__).parameters) - {"self"}
+
+
+@contextmanager
+def applied(
+    ctx: GenerationContext, uses: list[tuple[Any, Path, dict[str, Any], ArtifactUse]]
+) -> Iterator[Any]:
+    """Apply (method, artifact_dir, manifest, use) in APPLY_ORDER; yield the pipeline to call with
+    `ctx.call_kwargs | ctx.controlnet_kwargs()`; undo everything afterwards."""
+    ordered = sorted(uses, key=lambda u: APPLY_ORDER.index(u[0].name))
+    try:
+        for method, artifact_dir, manifest, use in ordered:
+            method.apply(ctx, artifact_dir, manifest, use)
+        yield ctx.pipeline()
+    finally:
+        failed: Exception | None = None
+        while ctx.undo:
+            action = ctx.undo.pop()
+            try:
+                action()
+            except Exception as exc:  # keep undoing the rest; the caller drops the pipeline
+                log.exception("undo after a generation failed")
+                failed = failed or exc
+        if failed is not None:
+            ctx.dirty = True
+            raise failed
