@@ -60,8 +60,16 @@ class GenerationContext:
         controlnet = models[0] if len(models) == 1 else MultiControlNetModel(models)
         sdxl = getattr(self.pipe, "text_encoder_2", None) is not None
         cls = StableDiffusionXLControlNetPipeline if sdxl else StableDiffusionControlNetPipeline
-        components = {k: v for k, v in self.pipe.components.items() if k in _init_names(cls)}
-        pipe = cls(**components, controlnet=controlnet)
+        init_names = _init_names(cls)
+        components = {k: v for k, v in self.pipe.components.items() if k in init_names}
+        # The base's config flags too (requires_safety_checker, force_zeros_for_empty_prompt): with
+        # the class defaults the ControlNet pipeline would treat empty negative prompts differently.
+        flags = {
+            k: v
+            for k, v in self.pipe.config.items()
+            if k in init_names and k not in components and not k.startswith("_")
+        }
+        pipe = cls(**components, **flags, controlnet=controlnet)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
