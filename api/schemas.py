@@ -175,6 +175,16 @@ class ImagePublic(BaseModel):
     url: str
 
 
+class InputImagePublic(BaseModel):
+    """An image uploaded for generations to use (ControlNet conditioning, IP-Adapter reference)."""
+
+    id: str
+    object: str = "image"
+    width: int
+    height: int
+    url: str | None = None
+
+
 class GenerationPublic(BaseModel):
     id: str
     object: str = "generation"

@@ -115,12 +115,20 @@ def read_capped(stream: BinaryIO, limit: int) -> bytes:
 
 
 def iter_zip(
-    stream: BinaryIO, *, archive_name: str, size: int, settings: Settings, read_limit: Callable[[str], int]
+    stream: BinaryIO,
+    *,
+    archive_name: str,
+    size: int,
+    settings: Settings,
+    read_limit: Callable[[str], int],
+    later: Callable[[str], bool] = lambda name: False,
 ) -> Iterator[tuple[str, bytes]]:
     """Yield (entry name, bytes) for each file entry, or raise DatasetRejected naming the entry.
 
     read_limit(name) says how much of an entry the caller wants (a caption needs only its cap + 1
-    bytes, an unknown file only enough to sniff); images are read up to max_entry_bytes.
+    bytes, an unknown file only enough to sniff); images are read up to max_entry_bytes. Entries for
+    which later(name) is true come after all the others (the directory allows any order), each
+    group in archive order.
     """
     _check_directory(stream, archive_name=archive_name, size=size, max_entries=settings.max_archive_entries)
     try:
@@ -138,7 +146,7 @@ def iter_zip(
                 f"the archive has {len(infos)} entries; the limit is {settings.max_archive_entries}",
             )
         reader = _EntryReader(archive, settings=settings, archive_size=size)
-        for info in infos:
+        for info in sorted(infos, key=lambda i: later(i.filename)):
             if _skip(info):
                 continue
             yield info.filename, reader.read(info, read_limit(info.filename))

@@ -5,6 +5,11 @@ are reported and left out; a hostile or oversized upload is refused whole (Datas
 nothing it wrote stays in storage. Images are stored at generated keys
 `{prefix}/images/{index:05d}.png`, never under the user's names, and `{prefix}/dataset.json` is
 written last, so a reader sees a complete dataset or none.
+
+ControlNet datasets add conditioning images: `<root>/conditioning/x.png` belongs to the image
+`<root>/images/x.*` (or `<root>/x.*`) and is stored at `{prefix}/conditioning/{index:05d}.png` with
+that image's index. Conditioning files are read after every other file, so the image they belong
+to has already been accepted or rejected when they arrive; nothing is held back in memory.
 """
 
 from __future__ import annotations
@@ -47,7 +52,12 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 MANIFEST = "dataset.json"
+# Version 1 manifests written before conditioning images existed simply lack the "conditioning" key.
 MANIFEST_VERSION = 1
+CONDITIONING_FOLDER = "conditioning"
+IMAGES_FOLDER = "images"
+# Training resizes a conditioning image to its image's size; only the shape has to agree.
+ASPECT_TOLERANCE = 0.01
 
 
 @dataclass
@@ -57,6 +67,7 @@ class AcceptedImage:
     width: int
     height: int
     caption: str | None
+    conditioning: str | None = None  # storage key of the conditioning PNG (ControlNet)
 
 
 @dataclass
@@ -79,9 +90,16 @@ class ValidationReport:
                 "accepted": len(self.accepted),
                 "rejected": len(self.rejected),
                 "captioned": sum(a.caption is not None for a in self.accepted),
+                "conditioned": sum(a.conditioning is not None for a in self.accepted),
             },
             "accepted": [
-                {"name": a.name, "width": a.width, "height": a.height, "caption": a.caption}
+                {
+                    "name": a.name,
+                    "width": a.width,
+                    "height": a.height,
+                    "caption": a.caption,
+                    "conditioning": a.conditioning is not None,
+                }
                 for a in self.accepted
             ],
             "rejected": [{"name": r.name, "code": r.code, "reason": r.reason} for r in self.rejected],
@@ -98,6 +116,7 @@ class DatasetItem:
     image: Image.Image  # RGB
     caption: str | None
     name: str
+    conditioning: Image.Image | None = None  # RGB, same aspect ratio as image (ControlNet)
 
 
 def ingest_upload(
@@ -125,20 +144,30 @@ def ingest_upload(
 
 
 def load_items(*, storage: Storage, dataset_prefix: str) -> list[DatasetItem]:
-    """The stored dataset's images (RGB) and captions, in upload order."""
+    """The stored dataset's images (RGB), captions and conditioning images, in upload order."""
     prefix = _clean_prefix(dataset_prefix)
     manifest = json.loads(storage.get_bytes(f"{prefix}/{MANIFEST}"))
     if manifest.get("version") != MANIFEST_VERSION:
         raise ValueError(f"{prefix}/{MANIFEST}: unknown version {manifest.get('version')!r}")
-    items = []
-    for entry in manifest["items"]:
-        key = entry["key"]
-        if not key.startswith(f"{prefix}/images/"):
-            # The manifest is ours, but it must never lead a job to read another dataset's objects.
+
+    def read(key: str, folder: str) -> Image.Image:
+        # The manifest is ours, but it must never lead a job to read another dataset's objects.
+        if not key.startswith(f"{prefix}/{folder}/") or ".." in key.split("/"):
             raise ValueError(f"{prefix}/{MANIFEST}: key {key!r} is outside the dataset")
         with Image.open(BytesIO(storage.get_bytes(key)), formats=["PNG"]) as im:
-            image = im.convert("RGB")
-        items.append(DatasetItem(image=image, caption=entry["caption"], name=entry["name"]))
+            return im.convert("RGB")
+
+    items = []
+    for entry in manifest["items"]:
+        conditioning = entry.get("conditioning")
+        items.append(
+            DatasetItem(
+                image=read(entry["key"], IMAGES_FOLDER),
+                caption=entry["caption"],
+                name=entry["name"],
+                conditioning=read(conditioning, CONDITIONING_FOLDER) if conditioning else None,
+            )
+        )
     return items
 
 
@@ -164,13 +193,21 @@ def _members(files: list[tuple[str, BinaryIO]], settings: Settings) -> Iterator[
 
     if len(sized) == 1 and sized[0][0].casefold().endswith(".zip"):
         name, stream, size = sized[0]
-        yield from iter_zip(stream, archive_name=name, size=size, settings=settings, read_limit=read_limit)
+        yield from iter_zip(
+            stream,
+            archive_name=name,
+            size=size,
+            settings=settings,
+            read_limit=read_limit,
+            later=_is_conditioning,
+        )
         return
     if len(sized) > settings.max_archive_entries:
         raise DatasetRejected(
             "too_many_entries", f"{len(sized)} files; the limit is {settings.max_archive_entries}"
         )
-    for name, stream, _ in sized:
+    # Every file is spooled already, so conditioning images can wait until their images are in.
+    for name, stream, _ in sorted(sized, key=lambda s: _is_conditioning(s[0])):
         check_entry_name(name)
         yield name, read_capped(stream, read_limit(name))
 
@@ -192,6 +229,7 @@ class _DatasetBuilder:
         self.rejected: list[RejectedFile] = []
         self.images: dict[str, AcceptedImage] = {}  # folded stem -> image
         self.captions: dict[str, _Caption] = {}  # folded stem -> caption
+        self.conditioned_by: dict[str, str] = {}  # image key -> the conditioning file's name
         self.written: list[str] = []
 
     def add(self, name: str, data: bytes) -> None:
@@ -199,6 +237,9 @@ class _DatasetBuilder:
         kind = kind_of(name)
         if kind == "other":
             self._reject(name, "unsupported_file", _unsupported_reason(name))
+            return
+        if kind == "image" and _is_conditioning(name):
+            self._add_conditioning(name, data)
             return
         stem = _fold(posixpath.splitext(name)[0])
         # Captions pair by stem, so two images may not differ only by case or extension.
@@ -229,7 +270,14 @@ class _DatasetBuilder:
         manifest = {
             "version": MANIFEST_VERSION,
             "items": [
-                {"key": a.key, "name": a.name, "caption": a.caption, "width": a.width, "height": a.height}
+                {
+                    "key": a.key,
+                    "name": a.name,
+                    "caption": a.caption,
+                    "width": a.width,
+                    "height": a.height,
+                    "conditioning": a.conditioning,
+                }
                 for a in self.accepted
             ],
         }
@@ -252,11 +300,42 @@ class _DatasetBuilder:
             except StorageError:
                 log.warning("dataset cleanup failed", extra={"dataset_prefix": self.prefix, "key": key})
 
-    def _store_image(self, name: str, data: bytes) -> AcceptedImage:
+    def _add_conditioning(self, name: str, data: bytes) -> None:
+        places = _image_stems(posixpath.splitext(name)[0])
+        image = next((self.images[s] for s in map(_fold, places) if s in self.images), None)
+        if image is None:
+            reason = f"no accepted image has the same name (looked for {places[0]}.* and {places[1]}.*)"
+            self._reject(name, "conditioning_without_image", reason)
+            return
+        first = self.conditioned_by.get(image.key)
+        if first is not None:
+            reason = f"clashes with {first!r}: {image.name!r} already has a conditioning image"
+            self._reject(name, "duplicate_name", reason)
+            return
+        try:
+            conditioning = self._normalise(data)
+            if not _same_aspect(conditioning.size, (image.width, image.height)):
+                raise FileProblem(
+                    "conditioning_size_mismatch",
+                    f"{conditioning.width}x{conditioning.height} does not have the aspect ratio of "
+                    f"its image {image.name!r} ({image.width}x{image.height})",
+                )
+        except FileProblem as problem:
+            self._reject(name, problem.code, problem.reason)
+            return
+        key = f"{self.prefix}/{CONDITIONING_FOLDER}/{posixpath.basename(image.key)}"
+        self._put(key, encode_png(conditioning), "image/png")
+        image.conditioning = key
+        self.conditioned_by[image.key] = name
+
+    def _normalise(self, data: bytes) -> Image.Image:
         if len(data) > self.settings.max_entry_bytes:
             raise FileProblem("image_too_large", f"the file is over {self.settings.max_entry_bytes} bytes")
-        image = normalise_image(data, max_pixels=self.settings.max_image_pixels)
-        key = f"{self.prefix}/images/{len(self.accepted):05d}.png"
+        return normalise_image(data, max_pixels=self.settings.max_image_pixels)
+
+    def _store_image(self, name: str, data: bytes) -> AcceptedImage:
+        image = self._normalise(data)
+        key = f"{self.prefix}/{IMAGES_FOLDER}/{len(self.accepted):05d}.png"
         self._put(key, encode_png(image), "image/png")
         accepted = AcceptedImage(name=name, key=key, width=image.width, height=image.height, caption=None)
         self.accepted.append(accepted)
@@ -268,6 +347,23 @@ class _DatasetBuilder:
 
     def _reject(self, name: str, code: str, reason: str) -> None:
         self.rejected.append(RejectedFile(name=name, code=code, reason=reason))
+
+
+def _is_conditioning(name: str) -> bool:
+    """An image inside a folder named `conditioning` (any case) is a ControlNet conditioning image."""
+    parts = name.split("/")
+    return len(parts) > 1 and kind_of(name) == "image" and _fold(parts[-2]) == CONDITIONING_FOLDER
+
+
+def _image_stems(conditioning_stem: str) -> tuple[str, str]:
+    """Where the image of `<root>/conditioning/x` may be: `<root>/images/x`, then `<root>/x`."""
+    parts = conditioning_stem.split("/")
+    root = "".join(f"{p}/" for p in parts[:-2])
+    return f"{root}{IMAGES_FOLDER}/{parts[-1]}", f"{root}{parts[-1]}"
+
+
+def _same_aspect(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    return abs(a[0] * b[1] / (a[1] * b[0]) - 1) <= ASPECT_TOLERANCE
 
 
 def _unsupported_reason(name: str) -> str:

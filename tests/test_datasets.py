@@ -129,7 +129,7 @@ def test_report_to_dict_is_json(storage: LocalStorage, settings: Settings) -> No
     report = ingest(files, storage, settings).to_dict()
 
     assert json.loads(json.dumps(report)) == report
-    assert report["counts"] == {"accepted": 3, "rejected": 1, "captioned": 1}
+    assert report["counts"] == {"accepted": 3, "rejected": 1, "captioned": 1, "conditioned": 0}
     assert report["rejected"] == [
         {"name": "d.md", "code": "unsupported_file", "reason": report["rejected"][0]["reason"]}
     ]

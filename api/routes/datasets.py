@@ -25,7 +25,11 @@ def create_dataset(
     storage: StorageDep,
     tenant_id: TenantDep,
     files: Annotated[
-        list[UploadFile], File(description="A zip of images + same-name .txt captions, or files")
+        list[UploadFile],
+        File(
+            description="A zip of images + same-name .txt captions (+ conditioning/ images for "
+            "ControlNet), or the files themselves"
+        ),
     ],
     name: Annotated[str | None, Form(max_length=200)] = None,
 ) -> DatasetPublic:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from fastapi import APIRouter, Request
+from PIL import Image
 
 from api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
 from api.files import file_url
@@ -12,40 +13,102 @@ from api.routes.artifacts import get_owned_artifact
 from api.schemas import GenerationCreate, GenerationPublic
 from core.base_models import BaseModelNotAllowed, get_base_model_info
 from core.errors import ApiError, not_found
+from core.generation_images import FileProblem, decode_data_uri, image_exists, image_key, store_image
 from core.ids import new_id
+from core.inference_params import ArtifactRef, is_data_uri
 from core.models import Generation, JobStatus
+from core.storage import Storage, StorageError
 from worker.app import send_generate
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/generations", tags=["generations"])
 
 
-def _check(session: SessionDep, settings: SettingsDep, tenant_id: str, body: GenerationCreate) -> None:
+def _check_artifact(session: SessionDep, tenant_id: str, body: GenerationCreate, use: ArtifactRef) -> None:
+    artifact = get_owned_artifact(session, tenant_id, use.artifact_id)
+    if artifact.method != use.method:
+        reason = f"artifact {artifact.id} is a {artifact.method}, not a {use.method}"
+    elif artifact.base_model != body.base_model:
+        reason = f"artifact {artifact.id} was trained on {artifact.base_model!r}, not {body.base_model!r}"
+    else:
+        return
+    pointer = f"{use.pointer}/artifact_id"
+    raise ApiError(
+        422, "artifact_incompatible", f"{pointer}: {reason}", errors=[{"pointer": pointer, "message": reason}]
+    )
+
+
+def _check_image(
+    settings: SettingsDep, storage: Storage, tenant_id: str, use: ArtifactRef
+) -> Image.Image | None:
+    """Check a use's image; a data URI comes back decoded, to be stored once every check passed."""
+    pointer = f"{use.pointer}/image"
+    if use.image is None:  # the schema requires one; this guards a spec built in code
+        raise ApiError(422, "image_required", f"{pointer}: a {use.method} needs an image")
+    if not is_data_uri(use.image):
+        if not image_exists(use.image, tenant_id, storage):
+            raise not_found("image", use.image)
+        return None
+    try:
+        return decode_data_uri(use.image, settings=settings)
+    except FileProblem as problem:
+        raise ApiError(
+            422,
+            problem.code,
+            f"{pointer}: {problem.reason}",
+            errors=[{"pointer": pointer, "code": problem.code, "message": problem.reason}],
+        ) from None
+
+
+def _check(
+    session: SessionDep, settings: SettingsDep, storage: Storage, tenant_id: str, body: GenerationCreate
+) -> dict[str, Image.Image]:
+    """Everything a worker would trip over, before queueing; returns the decoded data-URI images
+    by the pointer of their use."""
     try:
         get_base_model_info(body.base_model, settings)
     except BaseModelNotAllowed as exc:
         raise ApiError(422, "base_model_not_allowed", str(exc)) from exc
-    for ref in body.loras:
-        artifact = get_owned_artifact(session, tenant_id, ref.artifact_id)
-        if artifact.method != "lora":
-            raise ApiError(
-                422, "artifact_incompatible", f"artifact {artifact.id} is a {artifact.method}, not a lora"
-            )
-        if artifact.base_model != body.base_model:
-            raise ApiError(
-                422,
-                "artifact_incompatible",
-                f"artifact {artifact.id} was trained on {artifact.base_model!r}, not {body.base_model!r}",
-            )
+    uses = body.uses()
+    for use in uses:
+        _check_artifact(session, tenant_id, body, use)
+    decoded = {}
+    for use in uses:
+        if use.method in ("controlnet", "ip_adapter"):
+            image = _check_image(settings, storage, tenant_id, use)
+            if image is not None:
+                decoded[use.pointer] = image
+    return decoded
+
+
+def _store_images(storage: Storage, tenant_id: str, decoded: dict[str, Image.Image]) -> dict[str, str]:
+    """Store decoded data URIs as images: the saved request holds ids, never megabytes of base64."""
+    stored: dict[str, str] = {}
+    try:
+        for pointer, image in decoded.items():
+            stored[pointer] = store_image(image, tenant_id=tenant_id, storage=storage).id
+    except BaseException:
+        for image_id in stored.values():
+            try:
+                storage.delete(image_key(tenant_id, image_id))
+            except StorageError:
+                log.warning("could not remove image %s after a failed store", image_id)
+        raise
+    return stored
 
 
 @router.post("", status_code=201, response_model=GenerationPublic)
 def create_generation(
-    body: GenerationCreate, session: SessionDep, settings: SettingsDep, tenant_id: TenantDep
+    body: GenerationCreate,
+    session: SessionDep,
+    settings: SettingsDep,
+    storage: StorageDep,
+    tenant_id: TenantDep,
 ) -> GenerationPublic:
-    _check(session, settings, tenant_id, body)
+    decoded = _check(session, settings, storage, tenant_id, body)
+    spec = body.with_images(_store_images(storage, tenant_id, decoded)) if decoded else body
     generation = Generation(
-        id=new_id("gen"), tenant_id=tenant_id, spec=body.model_dump(mode="json"), status=JobStatus.queued
+        id=new_id("gen"), tenant_id=tenant_id, spec=spec.model_dump(mode="json"), status=JobStatus.queued
     )
     session.add(generation)
     session.commit()

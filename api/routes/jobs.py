@@ -37,13 +37,25 @@ def _check_inputs(session: SessionDep, settings: SettingsDep, tenant_id: str, bo
     dataset = get_owned_dataset(session, tenant_id, body.dataset_id)
     if dataset.status != DatasetStatus.ready:
         raise ApiError(422, "dataset_not_ready", f"dataset {dataset.id} is {dataset.status}, not ready")
-    info = METHOD_INFO[body.params.method]
+    method = body.params.method
+    info = METHOD_INFO[method]
     if dataset.image_count < info.min_images:
+        # The kind names what counts: "dreambooth needs at least 3 instance images".
+        kind = info.dataset_kind.replace("_", " ")
+        noun = kind if info.min_images != 1 else kind.removesuffix("s")
         raise ApiError(
             422,
             "dataset_too_small",
-            f"{body.params.method} needs at least {info.min_images} images; dataset {dataset.id} has "
+            f"{method} needs at least {info.min_images} {noun}; dataset {dataset.id} has "
             f"{dataset.image_count}",
+        )
+    problems = body.params.dataset_problems(dataset.report or {})
+    if problems:
+        raise ApiError(
+            422,
+            "dataset_unsuitable",
+            f"{method} cannot train on dataset {dataset.id}: {'; '.join(problems)}",
+            errors=[{"pointer": "/dataset_id", "message": p} for p in problems],
         )
 
 
