@@ -107,7 +107,20 @@ def insert_dataset(
             status=status,
             storage_prefix=f"tenants/{tenant_id}/datasets/{dataset_id}",
             image_count=image_count,
-            report={"accepted": image_count},
+            # The shape ingestion writes (core.datasets.ValidationReport.to_dict), trimmed.
+            report={
+                "counts": {
+                    "accepted": image_count,
+                    "rejected": 0,
+                    "captioned": image_count,
+                    "conditioned": 0,
+                },
+                "accepted": [
+                    {"name": f"{i:02d}.png", "width": 32, "height": 32, "caption": "x", "conditioning": False}
+                    for i in range(image_count)
+                ],
+                "rejected": [],
+            },
         )
     )
     session.commit()
