@@ -98,6 +98,10 @@ class TextualInversionParams(MethodParamsBase):
     def _distinct(self) -> TextualInversionParams:
         if self.placeholder_token == self.initializer_token:
             raise ValueError("placeholder_token must differ from initializer_token")
+        # CLIP tokenizers lower-case the prompt before diffusers looks for `tok_1`, so a capitalised
+        # multi-vector token would be used at generation with its first vector only.
+        if self.num_vectors > 1 and self.placeholder_token != self.placeholder_token.lower():
+            raise ValueError("placeholder_token must be lower case when num_vectors > 1")
         return self
 
 
