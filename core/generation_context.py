@@ -3,8 +3,8 @@
 Base pipelines are cached per worker process, so every change an artifact makes (adapters, tokens,
 attention processors, a swapped UNet) must be undone after the request. Each `apply` pushes its own
 undo; `applied` runs them last-first, also when generation fails, so nothing leaks into the next
-request. Artifacts are applied in a fixed order (dreambooth, textual inversion, lora, hypernetwork,
-ip_adapter, controlnet) so that, for example, LoRA layers land on a DreamBooth UNet rather than on
+request. Artifacts are applied in a fixed order (dreambooth, textual inversion, lora, ip_adapter,
+hypernetwork, controlnet) so that, for example, LoRA layers land on a DreamBooth UNet rather than on
 the base's.
 """
 
@@ -19,7 +19,9 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-APPLY_ORDER = ("dreambooth", "textual_inversion", "lora", "hypernetwork", "ip_adapter", "controlnet")
+# ip_adapter before hypernetwork: load_ip_adapter replaces every attention processor, while the
+# hypernetwork wraps whatever processor it finds (so it also transforms the text part of IP attention).
+APPLY_ORDER = ("dreambooth", "textual_inversion", "lora", "ip_adapter", "hypernetwork", "controlnet")
 
 
 @dataclass

@@ -128,8 +128,8 @@ class GenerationSpec(StrictModel):
         return value
 
     def uses(self) -> list[ArtifactRef]:
-        """Every artifact use, in the order the worker applies them (dreambooth, textual inversion,
-        lora, hypernetwork, ip_adapter, controlnet; list fields in request order)."""
+        """Every artifact use, in the order the worker applies them (generation_context.APPLY_ORDER;
+        list fields in request order)."""
         out: list[ArtifactRef] = []
         if self.dreambooth is not None:
             out.append(ArtifactRef("dreambooth", self.dreambooth.artifact_id, 1.0, None, "/dreambooth"))
@@ -139,12 +139,12 @@ class GenerationSpec(StrictModel):
             )
         for i, lora in enumerate(self.loras):
             out.append(ArtifactRef("lora", lora.artifact_id, lora.scale, None, f"/loras/{i}"))
-        if self.hypernetwork is not None:
-            hn = self.hypernetwork
-            out.append(ArtifactRef("hypernetwork", hn.artifact_id, hn.strength, None, "/hypernetwork"))
         if self.ip_adapter is not None:
             ip = self.ip_adapter
             out.append(ArtifactRef("ip_adapter", ip.artifact_id, ip.scale, ip.image, "/ip_adapter"))
+        if self.hypernetwork is not None:
+            hn = self.hypernetwork
+            out.append(ArtifactRef("hypernetwork", hn.artifact_id, hn.strength, None, "/hypernetwork"))
         for i, cn in enumerate(self.controlnet):
             out.append(ArtifactRef("controlnet", cn.artifact_id, cn.scale, cn.image, f"/controlnet/{i}"))
         return out
