@@ -158,8 +158,8 @@ def test_every_artifact_kind_in_one_request(
         ("dreambooth", artifacts["dreambooth"], 1.0, None, "/dreambooth"),
         ("textual_inversion", artifacts["textual_inversion"], 1.0, None, "/textual_inversions/0"),
         ("lora", artifacts["lora"], 0.5, None, "/loras/0"),
-        ("hypernetwork", artifacts["hypernetwork"], 0.7, None, "/hypernetwork"),
         ("ip_adapter", artifacts["ip_adapter"], 0.6, reference, "/ip_adapter"),
+        ("hypernetwork", artifacts["hypernetwork"], 0.7, None, "/hypernetwork"),
         ("controlnet", artifacts["controlnet"], 0.8, uploaded, "/controlnet/0"),
     ]
     # The worker applies in the context's fixed order; uses() lists them in that order already.
