@@ -1,0 +1,1 @@
+"""Throughput benchmarks: Atelier's training loop against loops written to the diffusers-example recipes."""
