@@ -210,3 +210,14 @@ def make_api_tenant(
         key = create_key(session=session, tenant_name=name or f"tenant-{uuid.uuid4().hex[:8]}")
         dataset_id = insert_dataset(session, key.tenant_id, status=dataset_status, image_count=image_count)
     return ApiTenant(tenant_id=key.tenant_id, key=key, dataset_id=dataset_id)
+
+
+# Two tenants with an API key each, for the API tests (acme owns things, globex must not see them).
+@pytest.fixture
+def acme(api_client: TestClient, api_settings: Settings) -> ApiTenant:
+    return make_api_tenant(api_settings, "acme")
+
+
+@pytest.fixture
+def globex(api_client: TestClient, api_settings: Settings) -> ApiTenant:
+    return make_api_tenant(api_settings, "globex")

@@ -50,16 +50,6 @@ def job_body(dataset_id: str, **overrides: Any) -> dict[str, Any]:
     return body
 
 
-@pytest.fixture
-def acme(api_client: TestClient, api_settings: Settings) -> ApiTenant:
-    return make_api_tenant(api_settings, "acme")
-
-
-@pytest.fixture
-def globex(api_client: TestClient, api_settings: Settings) -> ApiTenant:
-    return make_api_tenant(api_settings, "globex")
-
-
 def create_job(client: TestClient, tenant: ApiTenant, **overrides: Any) -> dict[str, Any]:
     response = client.post("/v1/jobs", json=job_body(tenant.dataset_id, **overrides), headers=tenant.headers)
     assert response.status_code == 201, response.text

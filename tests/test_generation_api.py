@@ -24,7 +24,7 @@ from core.generation_images import ImageNotFound, image_key, load_image
 from core.inference_params import IMAGE_ID, GenerationSpec
 from core.models import JobStatus
 from core.storage import Storage, make_storage
-from tests.db_fixtures import ApiTenant, SentTasks, make_api_tenant
+from tests.db_fixtures import ApiTenant, SentTasks
 from tests.test_api_contract import assert_problem, job_body
 
 RED, BLUE = (220, 20, 20), (20, 20, 220)
@@ -57,16 +57,6 @@ def truncated_png() -> bytes:
 
 def data_uri(data: bytes, media: str = "image/png") -> str:
     return f"data:{media};base64,{base64.b64encode(data).decode()}"
-
-
-@pytest.fixture
-def acme(api_client: TestClient, api_settings: Settings) -> ApiTenant:
-    return make_api_tenant(api_settings, "acme")
-
-
-@pytest.fixture
-def globex(api_client: TestClient, api_settings: Settings) -> ApiTenant:
-    return make_api_tenant(api_settings, "globex")
 
 
 @pytest.fixture
