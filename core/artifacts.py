@@ -57,6 +57,8 @@ def write_manifest(
     training: dict[str, Any],
     metrics: dict[str, Any],
     artifact_format: str = "diffusers",
+    exports: dict[str, list[str]] | None = None,
+    export_errors: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Hash every file in `artifact_dir` and write manifest.json beside them (atomically, last)."""
     files = [
@@ -75,6 +77,9 @@ def write_manifest(
         "format": artifact_format,
         "base_model": {"id": base_model, "family": base_family},
         "files": files,
+        # Other tools' formats of the same weights: {format: [file names]} (core/exports).
+        "exports": exports or {},
+        "export_errors": export_errors or {},
         "params": params,
         "training": training,
         "metrics": metrics,

@@ -290,7 +290,15 @@ def _train_and_store(
         dtype=torch.float32,
         fetch_prefix=functools.partial(download_prefix, storage),
     )
-    result = train(spec=spec, base=base, items=items, workdir=workdir, hooks=hooks, device=device)
+    result = train(
+        spec=spec,
+        base=base,
+        items=items,
+        workdir=workdir,
+        hooks=hooks,
+        device=device,
+        name=f"atelier-{job.id}",
+    )
     manifest_path = result.artifact_dir / "manifest.json"
     if not manifest_path.exists():
         write_manifest(

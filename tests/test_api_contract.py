@@ -413,8 +413,12 @@ def test_artifact_manifest_and_download(
         f"/v1/artifacts/{artifact_id}/download", params={"file": "../../atelier.db"}, headers=acme.headers
     )
     assert_problem(outside, 422, "file_not_in_artifact")
+    unknown = api_client.get(f"/v1/artifacts/{artifact_id}/download?format=ckpt", headers=acme.headers)
+    assert_problem(unknown, 422, "format_not_supported")
+    assert "kohya" in unknown.json()["detail"]  # names what a LoRA is offered as
+    # This artifact's manifest lists no exports (made before they existed): 409, not a 500.
     a1111 = api_client.get(f"/v1/artifacts/{artifact_id}/download?format=a1111", headers=acme.headers)
-    assert_problem(a1111, 422, "format_not_supported")
+    assert_problem(a1111, 409, "export_not_available")
 
 
 def test_storage_follows_the_settings_object(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from api.pagination import page
 from api.routes.files import stream_file
 from api.schemas import ArtifactPublic, ArtifactsPublic
 from core.errors import ApiError, not_found
+from core.exports.formats import PRIMARY, UnknownFormat, resolve_format
 from core.models import Artifact
 
 router = APIRouter(prefix="/v1/artifacts", tags=["artifacts"])
@@ -52,20 +53,45 @@ def download_artifact(
     file: Annotated[
         str | None, Query(description="A file named in the manifest; default the primary")
     ] = None,
-    format: Annotated[str, Query(description="Export format")] = "diffusers",
+    format: Annotated[
+        str,
+        Query(
+            description="diffusers (the primary files), or another tool's format: kohya/a1111/comfyui "
+            "(LoRA, embeddings, hypernetworks), single_file (DreamBooth, ControlNet), bin (IP-Adapter)"
+        ),
+    ] = PRIMARY,
 ) -> Response:
     artifact = get_owned_artifact(session, tenant_id, artifact_id)
-    if format != "diffusers":
-        raise ApiError(422, "format_not_supported", f"format {format!r} is not available; use 'diffusers'")
-    names = [f["name"] for f in artifact.manifest.get("files", [])] + ["manifest.json"]
-    name = file or artifact.manifest.get("primary") or names[0]
+    try:
+        canonical = resolve_format(artifact.method, format)
+    except UnknownFormat as exc:
+        raise ApiError(422, "format_not_supported", str(exc)) from exc
+    names = _names(artifact, canonical)
+    name = file or (names[0] if canonical != PRIMARY else artifact.manifest.get("primary") or names[0])
     if name not in names:
         raise ApiError(
-            422, "file_not_in_artifact", f"{name!r} is not in artifact {artifact_id}; files: {names}"
+            422,
+            "file_not_in_artifact",
+            f"{name!r} is not in artifact {artifact_id} ({canonical}); files: {names}",
         )
     key = f"{artifact.storage_prefix}/{name}"
-    filename = name.replace("/", "_")
+    filename = name.rsplit("/", 1)[-1] if canonical != PRIMARY else name.replace("/", "_")
     url = storage.presigned_url(key, filename=filename)
     if url is not None:
         return RedirectResponse(url, status_code=307)
     return stream_file(storage, key, filename)
+
+
+def _names(artifact: Artifact, format: str) -> list[str]:
+    """The files of `format`: the primary files (and the manifest), or one export's files."""
+    manifest = artifact.manifest
+    if format == PRIMARY:
+        exported = {name for names in manifest.get("exports", {}).values() for name in names}
+        return [f["name"] for f in manifest.get("files", []) if f["name"] not in exported] + ["manifest.json"]
+    names = manifest.get("exports", {}).get(format)
+    if not names:
+        reason = manifest.get("export_errors", {}).get(format) or "it was made before this export existed"
+        raise ApiError(
+            409, "export_not_available", f"artifact {artifact.id} has no {format} export: {reason}"
+        )
+    return list(names)

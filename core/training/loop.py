@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from core.artifacts import write_manifest
+from core.exports import ExportContext, write_exports
 from core.methods import get_method
 from core.methods.base import MethodInputError, Trainable
 from core.methods.params import JobSpec, TrainingParams
@@ -351,11 +352,13 @@ def train(
     workdir: Path,
     hooks: TrainingHooks,
     device: torch.device,
+    name: str = "atelier",
 ) -> TrainResult:
     """Train `spec` on `items`; write the artifact (and its manifest, last) under workdir/artifact.
 
     `base` is best loaded in fp32: frozen weights are cast here to the training precision, trainable
-    ones kept in fp32. `StopTraining` raised by the hooks propagates to the caller.
+    ones kept in fp32. `StopTraining` raised by the hooks propagates to the caller. `name` is the
+    file stem of the exports (A1111 prompts refer to a LoRA by it).
     """
     training = spec.training
     method = get_method(spec.params.method)
@@ -384,6 +387,11 @@ def train(
     final_loss, rate, history = _loop(run, min(resumed or 0, training.max_steps))
     artifact_dir = workdir / "artifact"
     files = trainable.save(artifact_dir)
+    exports, export_errors = write_exports(
+        method.name,
+        artifact_dir,
+        ExportContext(base.path, spec.base_model, base.family, spec.params, training, name),
+    )
     write_manifest(
         artifact_dir,
         method=method.name,
@@ -401,7 +409,16 @@ def train(
             "loss_history": [[step, loss] for step, loss in history],
         },
         artifact_format=method.artifact_format,
+        exports=exports,
+        export_errors=export_errors,
     )
+    exported = [file for format_files in exports.values() for file in format_files]
     return TrainResult(
-        artifact_dir, [*files, "manifest.json"], training.max_steps, final_loss, resumed, rate, history
+        artifact_dir,
+        [*files, *exported, "manifest.json"],
+        training.max_steps,
+        final_loss,
+        resumed,
+        rate,
+        history,
     )
