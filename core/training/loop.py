@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from core.artifacts import write_manifest
+from core.base_models import architecture_of_folder
 from core.exports import ExportContext, write_exports
 from core.methods import get_method
 from core.methods.base import MethodInputError, Trainable
@@ -43,12 +44,13 @@ TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 @dataclass
 class TrainResult:
     artifact_dir: Path
-    files: list[str]  # artifact files, then manifest.json
+    files: list[str]  # the primary artifact files, then manifest.json
     steps: int
     final_loss: float
     resumed_from_step: int | None
     images_per_s: float
     loss_history: list[tuple[int, float]] = field(default_factory=list)
+    exports: dict[str, list[str]] = field(default_factory=dict)  # format -> files under exports/
 
 
 @dataclass(frozen=True)
@@ -397,6 +399,7 @@ def train(
         method=method.name,
         base_model=spec.base_model,
         base_family=base.family,
+        base_architecture=architecture_of_folder(Path(base.path)),
         params=spec.params.model_dump(mode="json"),
         training=training.model_dump(mode="json"),
         metrics={
@@ -412,13 +415,13 @@ def train(
         exports=exports,
         export_errors=export_errors,
     )
-    exported = [file for format_files in exports.values() for file in format_files]
     return TrainResult(
         artifact_dir,
-        [*files, *exported, "manifest.json"],
+        [*files, "manifest.json"],
         training.max_steps,
         final_loss,
         resumed,
         rate,
         history,
+        exports,
     )
