@@ -157,7 +157,10 @@ def test_manifest_lists_files_and_detects_tampering(tiny_cache: Path, tmp_path: 
     result = train_lora(base, tmp_path / "run", steps=1)
     manifest = verify_manifest(result.artifact_dir)
     assert manifest["method"] == "lora" and manifest["format"] == "diffusers"
-    assert [f["name"] for f in manifest["files"]] == [WEIGHT_NAME]
+    # The primary file and the kohya export, each hashed; the export is also listed by format.
+    assert sorted(f["name"] for f in manifest["files"]) == ["exports/kohya/atelier.safetensors", WEIGHT_NAME]
+    assert manifest["exports"] == {"kohya": ["exports/kohya/atelier.safetensors"]}
+    assert manifest["export_errors"] == {}
     assert manifest["params"]["rank"] == 4 and manifest["training"]["max_steps"] == 1
     assert manifest["libraries"]["torch"] and manifest["libraries"]["diffusers"]
     assert manifest["metrics"]["steps"] == 1
