@@ -90,6 +90,33 @@ def _generate(client: AtelierClient, prompt: str, extra: dict[str, Any]) -> np.n
     return np.asarray(image.convert("RGB"), dtype=np.float32)
 
 
+EXPORTS = {
+    "lora": ("kohya", ".safetensors"),
+    "textual_inversion": ("a1111", ".safetensors"),
+    "hypernetwork": ("a1111", ".pt"),
+    "controlnet": ("single_file", ".safetensors"),
+    "dreambooth": ("single_file", ".safetensors"),
+    "ip_adapter": ("bin", ".bin"),
+}
+
+
+def _check_export(client: AtelierClient, artifact_id: str, method: str, tmp_path: Path) -> None:
+    """The other-tools format downloads over HTTP with its own file name and loads safely."""
+    import torch
+    from safetensors.torch import load_file
+
+    format, suffix = EXPORTS[method]
+    response = client.http.get(f"/v1/artifacts/{artifact_id}/download", params={"format": format})
+    assert response.status_code == 200, (method, response.text)
+    disposition = response.headers["content-disposition"]
+    assert suffix in disposition and "exports" not in disposition, disposition
+    path = tmp_path / f"{method}{suffix}"
+    path.write_bytes(response.content)
+    # Pickled formats must load without running code: only plain types inside.
+    loaded = torch.load(path, weights_only=True) if suffix in (".pt", ".bin") else load_file(path)
+    assert loaded, method
+
+
 def test_every_method_trains_and_generates_over_http(embedded_stack: Stack, tmp_path: Path) -> None:
     embedded_stack.start_api(with_worker=True)
     client = embedded_stack.client()
@@ -129,6 +156,9 @@ def test_every_method_trains_and_generates_over_http(embedded_stack: Stack, tmp_
         if event["type"] == "cached_images"
     ]
     assert reuse == [False, True]
+
+    for method in PARAMS:
+        _check_export(client, finished[method]["artifact_id"], method, tmp_path)
 
     prompt = "a photo of <sks>"
     base_image = _generate(client, prompt, {})
