@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import io
+import json
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Query, Response, UploadFile
+from fastapi import APIRouter, File, Form, Path, Query, Response, UploadFile
+from PIL import Image
 from sqlalchemy import select
 
 from api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
 from api.pagination import page
+from api.routes.files import stream_file
 from api.schemas import DatasetPublic, DatasetsPublic
-from core.datasets import DatasetRejected, ingest_upload
+from core.datasets import CONDITIONING_FOLDER, IMAGES_FOLDER, MANIFEST, DatasetRejected, ingest_upload
 from core.errors import ApiError, not_found
 from core.ids import new_id
 from core.models import Dataset, DatasetStatus, Job, JobStatus
@@ -86,6 +90,51 @@ def get_owned_dataset(session: SessionDep, tenant_id: str, dataset_id: str) -> D
 @router.get("/{dataset_id}", response_model=DatasetPublic)
 def get_dataset(dataset_id: str, session: SessionDep, tenant_id: TenantDep) -> DatasetPublic:
     return DatasetPublic.from_row(get_owned_dataset(session, tenant_id, dataset_id))
+
+
+@router.get(
+    "/{dataset_id}/images/{index}",
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}}, "description": "the stored (normalised) PNG"}},
+)
+def dataset_image(
+    dataset_id: str,
+    session: SessionDep,
+    storage: StorageDep,
+    tenant_id: TenantDep,
+    index: Annotated[int, Path(ge=0, description="position in the report's `accepted` list")],
+    size: Annotated[
+        int | None, Query(ge=16, le=1024, description="a thumbnail fitting size x size, not the image")
+    ] = None,
+    conditioning: Annotated[bool, Query(description="the ControlNet conditioning image instead")] = False,
+) -> Response:
+    """One accepted image of the dataset, as stored for training; the dashboard shows thumbnails."""
+    dataset = get_owned_dataset(session, tenant_id, dataset_id)
+    key = _image_key(storage, dataset, index, conditioning) if dataset.status == DatasetStatus.ready else None
+    if key is None:
+        raise not_found("dataset_image", f"{dataset_id}/{index}{'?conditioning' if conditioning else ''}")
+    if size is None:
+        return stream_file(storage, key)
+    with Image.open(io.BytesIO(storage.get_bytes(key)), formats=["PNG"]) as image:
+        image.thumbnail((size, size))
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+    # A ready dataset never changes: the browser may keep the thumbnail (for this key holder only).
+    headers = {"Cache-Control": "private, max-age=86400"}
+    return Response(buffer.getvalue(), media_type="image/png", headers=headers)
+
+
+def _image_key(storage: StorageDep, dataset: Dataset, index: int, conditioning: bool) -> str | None:
+    manifest = json.loads(storage.get_bytes(f"{dataset.storage_prefix}/{MANIFEST}"))
+    items = manifest.get("items", [])
+    if index >= len(items):
+        return None
+    key = items[index].get("conditioning") if conditioning else items[index].get("key")
+    folder = CONDITIONING_FOLDER if conditioning else IMAGES_FOLDER
+    # Keys come from our own manifest, but only this dataset's objects may ever be served.
+    if not key or not key.startswith(f"{dataset.storage_prefix}/{folder}/") or ".." in key.split("/"):
+        return None
+    return key
 
 
 @router.delete("/{dataset_id}", status_code=204)
