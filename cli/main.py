@@ -1,10 +1,13 @@
-"""`atelier`: server roles (serve, worker, beat), `keys create`, and `demo`."""
+"""`atelier`: the HTTP commands (datasets, jobs, artifacts, generate), the server roles (serve,
+worker, beat), `keys create`, and `demo`."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+
+from cli.parsers import add_connection_options, add_http_commands
 
 
 def _keys_create(args: argparse.Namespace) -> int:
@@ -57,7 +60,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="atelier", description=__doc__)
+    add_connection_options(parser, suppress=False)
     sub = parser.add_subparsers(dest="command", required=True)
+    add_http_commands(sub)
 
     serve = sub.add_parser("serve", help="run the HTTP API (embedded mode also starts a worker)")
     serve.add_argument("--host", default="127.0.0.1")
