@@ -117,3 +117,35 @@ def test_paired_data_carries_a_prior_batch_of_the_same_size(base) -> None:
     batch = PairedData(instance, prior).micro_batch(3)
     assert batch.prior is not None and len(batch.prior) == len(batch) == 2
     assert not torch.equal(batch.prior.encoder_hidden_states, batch.encoder_hidden_states)
+
+
+def test_methods_that_ignore_conditioning_train_on_partly_conditioned_datasets(
+    tiny_cache: Path, tmp_path: Path
+) -> None:
+    """A dataset may carry conditioning images for some images only (it was made for ControlNet);
+    a LoRA job on it uses the images and captions and leaves the conditioning alone."""
+    from dataclasses import dataclass
+
+    from core.methods.params import JobSpec
+    from core.training.loop import train
+    from core.training.progress import NullHooks
+
+    @dataclass
+    class Conditioned:
+        image: Image.Image
+        caption: str | None
+        conditioning: Image.Image | None
+
+    items = [
+        Conditioned(solid((200, 0, 200)), "a", solid((255, 255, 255))),
+        Conditioned(solid((0, 0, 200)), "b", None),
+    ]
+    spec = JobSpec(
+        base_model="tiny-sd",
+        dataset_id="ds",
+        params={"method": "lora", "rank": 2},
+        training={"max_steps": 1, "batch_size": 2},
+    )
+    base = load_tiny(tiny_cache)  # its own copy: training adds adapters to the base it gets
+    result = train(spec=spec, base=base, items=items, workdir=tmp_path, hooks=NullHooks(), device=CPU)
+    assert result.steps == 1

@@ -54,13 +54,10 @@ class Trainable(torch.nn.Module):
         self, items: list[CaptionedImage], *, resolution: int, hooks: TrainingHooks
     ) -> TrainingSet:
         """What the loop caches. Called once, after the models are on the training device and
-        before any step. Default: each image with its caption ("" when it has none)."""
-        return TrainingSet(
-            [
-                TrainingItem(item.image, (item.caption or "",), getattr(item, "conditioning", None))
-                for item in items
-            ]
-        )
+        before any step. Default: each image with its caption ("" when it has none); conditioning
+        images are left out (only ControlNet reads them, and a dataset may have them for some
+        images only)."""
+        return TrainingSet([TrainingItem(item.image, (item.caption or "",)) for item in items])
 
     def image_features(self, images: list[Image.Image]) -> torch.Tensor | None:
         """Per-image features cached with the latents (IP-Adapter: the frozen image encoder's
