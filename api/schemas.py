@@ -4,15 +4,37 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from core.inference_params import GenerationSpec
 from core.methods.params import JobSpec
 from core.models import Artifact, Dataset, Generation, Job, JobEvent
 from core.timeutil import iso
+from core.url_guard import MAX_URL_LENGTH
+from core.webhooks import DEFAULT_EVENTS, WebhookEvent, WebhookTarget
 
-JobCreate = JobSpec
 GenerationCreate = GenerationSpec
+
+
+class JobCreate(JobSpec):
+    """A job's spec, plus where to POST its events. The webhook is kept out of the stored spec."""
+
+    webhook_url: str | None = Field(
+        default=None,
+        max_length=MAX_URL_LENGTH,
+        description="https URL that receives signed job events (Standard Webhooks headers)",
+    )
+    webhook_events: list[WebhookEvent] | None = Field(
+        default=None,
+        min_length=1,
+        description=f"events to send; default {', '.join(DEFAULT_EVENTS)}",
+    )
+
+    def job_spec(self) -> JobSpec:
+        return JobSpec(**{name: getattr(self, name) for name in JobSpec.model_fields})
+
+    def webhook(self) -> WebhookTarget | None:
+        return WebhookTarget.of(self.webhook_url, self.webhook_events) if self.webhook_url else None
 
 
 class Progress(BaseModel):
@@ -45,6 +67,8 @@ class JobPublic(BaseModel):
     checkpoint_step: int | None
     error: ErrorInfo | None
     artifact_id: str | None
+    webhook_url: str | None = None
+    webhook_events: list[str] | None = None
     created_at: str | None
     started_at: str | None
     finished_at: str | None
@@ -78,6 +102,8 @@ class JobPublic(BaseModel):
             checkpoint_step=job.checkpoint_step,
             error=ErrorInfo(code=job.error_code, message=job.error_message) if job.error_code else None,
             artifact_id=job.artifact_id,
+            webhook_url=job.webhook_url,
+            webhook_events=job.webhook_events,
             created_at=iso(job.created_at),
             started_at=iso(job.started_at),
             finished_at=iso(job.finished_at),

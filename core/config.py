@@ -8,11 +8,12 @@ setting `ATELIER_DATABASE_URL`, `ATELIER_BROKER_URL` and `ATELIER_STORAGE=s3`.
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # Built-in bases are made offline by core/tiny; anything else must be listed explicitly.
 DEFAULT_BASE_MODELS: dict[str, str] = {
@@ -51,6 +52,18 @@ class Settings(BaseSettings):
     queued_redispatch_s: float = 120.0  # a queued job older than this with no claim is re-sent
     reap_interval_s: float = 30.0
 
+    # Webhooks (core/webhooks.py): retries back off base * factor^(n-1), jittered, capped; a delivery
+    # fails for good after max attempts (about 20 hours with the defaults).
+    webhook_allow_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    webhook_timeout_s: float = 10.0
+    webhook_max_attempts: int = 10
+    webhook_retry_base_s: float = 5.0
+    webhook_retry_factor: float = 4.0
+    webhook_retry_max_s: float = 6 * 3600.0
+    webhook_redispatch_s: float = 60.0  # a due delivery this overdue lost its message: the beat re-sends
+    webhook_dispatch_interval_s: float = 15.0
+    webhook_secret_grace_s: float = 24 * 3600.0  # a rotated-out secret still signs for this long
+
     torch_threads: int | None = None
     device: str = "auto"  # auto | cpu | cuda
 
@@ -62,6 +75,19 @@ class Settings(BaseSettings):
     max_compression_ratio: float = 200.0
     max_image_pixels: int = 40_000_000
     max_caption_bytes: int = 2048
+
+    @field_validator("webhook_allow_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: object) -> object:
+        # The environment gives "127.0.0.1,receiver" or a JSON list; both mean a list of hosts.
+        if isinstance(value, str):
+            text = value.strip()
+            return (
+                json.loads(text)
+                if text.startswith("[")
+                else [h.strip() for h in text.split(",") if h.strip()]
+            )
+        return value
 
     @model_validator(mode="after")
     def _fill_defaults(self) -> Settings:
@@ -77,6 +103,8 @@ class Settings(BaseSettings):
         for model_id, source in self.base_models.items():
             if not source:
                 raise ValueError(f"base model {model_id!r} has an empty source")
+        if self.webhook_max_attempts < 1 or self.webhook_timeout_s <= 0:
+            raise ValueError("webhook_max_attempts must be at least 1 and webhook_timeout_s positive")
         if self.lease_s <= self.heartbeat_s * 2:
             raise ValueError("lease_s must exceed two heartbeats, or live jobs get reaped")
         return self

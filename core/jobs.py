@@ -18,10 +18,12 @@ from sqlalchemy import and_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from core import webhooks
 from core.ids import new_id
 from core.methods.params import JobSpec
 from core.models import Artifact, Job, JobEvent, JobStatus
 from core.timeutil import utcnow
+from core.webhooks import WebhookTarget
 
 
 class LeaseLost(Exception):
@@ -46,10 +48,21 @@ def request_hash(body: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+def _request_body(spec: JobSpec, webhook: WebhookTarget | None) -> dict[str, Any]:
+    body = spec.model_dump(mode="json")
+    if webhook is not None:
+        # Added only when present, so a key used before webhooks existed still hashes the same.
+        body["webhook"] = webhook.as_dict()
+    return body
+
+
 def add_event(
     *, session: Session, job_id: str, attempt: int, type: str, data: dict[str, Any] | None = None
 ) -> None:
-    session.add(JobEvent(job_id=job_id, attempt=attempt, type=type, data=data or {}))
+    job_event = JobEvent(job_id=job_id, attempt=attempt, type=type, data=data or {})
+    session.add(job_event)
+    # The webhook outbox row commits with the event, or neither does.
+    webhooks.enqueue(session=session, job_event=job_event)
 
 
 def create_job(
@@ -59,15 +72,20 @@ def create_job(
     spec: JobSpec,
     idempotency_key: str | None,
     max_attempts: int,
+    webhook: WebhookTarget | None = None,
 ) -> tuple[Job, bool]:
     """Insert a queued job; with a key already used, return that job (created=False) or raise."""
     if idempotency_key is not None:
         existing = find_replay(
-            session=session, tenant_id=tenant_id, spec=spec, idempotency_key=idempotency_key
+            session=session,
+            tenant_id=tenant_id,
+            spec=spec,
+            idempotency_key=idempotency_key,
+            webhook=webhook,
         )
         if existing is not None:
             return existing, False
-    body_hash = request_hash(spec.model_dump(mode="json"))
+    body_hash = request_hash(_request_body(spec, webhook))
     job = Job(
         id=new_id("job"),
         tenant_id=tenant_id,
@@ -80,6 +98,8 @@ def create_job(
         total_steps=spec.training.max_steps,
         idempotency_key=idempotency_key,
         request_hash=body_hash,
+        webhook_url=webhook.url if webhook else None,
+        webhook_events=list(webhook.events) if webhook else None,
     )
     session.add(job)
     add_event(session=session, job_id=job.id, attempt=0, type="created")
@@ -95,12 +115,19 @@ def create_job(
     return job, True
 
 
-def find_replay(*, session: Session, tenant_id: str, spec: JobSpec, idempotency_key: str) -> Job | None:
+def find_replay(
+    *,
+    session: Session,
+    tenant_id: str,
+    spec: JobSpec,
+    idempotency_key: str,
+    webhook: WebhookTarget | None = None,
+) -> Job | None:
     """The job an earlier request with this key created, checked against this body; None if new."""
     existing = _find_by_key(session, tenant_id, idempotency_key)
     if existing is None:
         return None
-    return _replay(existing, idempotency_key, request_hash(spec.model_dump(mode="json")))
+    return _replay(existing, idempotency_key, request_hash(_request_body(spec, webhook)))
 
 
 def _find_by_key(session: Session, tenant_id: str, key: str) -> Job | None:

@@ -106,6 +106,9 @@ class Job(Base):
     artifact_id: Mapped[str | None] = mapped_column(String(40))
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
     request_hash: Mapped[str | None] = mapped_column(String(64))
+    # Where the job's events are POSTed, and which ones (core/webhooks.py); checked at creation.
+    webhook_url: Mapped[str | None] = mapped_column(String(2048))
+    webhook_events: Mapped[list[Any] | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     dispatched_at: Mapped[datetime | None]
     started_at: Mapped[datetime | None]
@@ -121,6 +124,50 @@ class JobEvent(Base):
     type: Mapped[str] = mapped_column(String(40))
     data: Mapped[dict[str, Any] | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class WebhookSecret(Base):
+    """A tenant's signing secret. Kept readable (HMAC needs it), unlike API keys; after a rotation
+    the previous secret signs too until `previous_expires_at`, so receivers can switch without gaps."""
+
+    __tablename__ = "webhook_secrets"
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), primary_key=True)
+    secret: Mapped[str] = mapped_column(String(100))
+    previous_secret: Mapped[str | None] = mapped_column(String(100))
+    previous_expires_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    rotated_at: Mapped[datetime | None]
+
+
+class WebhookDeliveryStatus(StrEnum):
+    pending = "pending"  # due at next_attempt_at
+    sending = "sending"  # claimed by a worker until lease_expires_at
+    succeeded = "succeeded"
+    failed = "failed"  # attempts used up
+
+
+class WebhookDelivery(Base):
+    """The outbox: one row per (job event, job), written in the event's transaction. Its id is the
+    `webhook-id` header, the same on every retry; `payload` is the exact body that is signed."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),)
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
+    event_id: Mapped[int] = mapped_column(ForeignKey("job_events.id"), unique=True)
+    event_type: Mapped[str] = mapped_column(String(40))
+    url: Mapped[str] = mapped_column(String(2048))
+    payload: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(20), default=WebhookDeliveryStatus.pending)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    lease_expires_at: Mapped[datetime | None]
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    attempt_log: Mapped[list[Any]] = mapped_column(default=list)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    delivered_at: Mapped[datetime | None]
 
 
 class Artifact(Base):

@@ -20,6 +20,8 @@ MAINTENANCE_QUEUE = "maintenance"
 TRAIN_TASK = "atelier.train_job"
 GENERATE_TASK = "atelier.generate"
 REAP_TASK = "atelier.reap_stale_jobs"
+WEBHOOK_TASK = "atelier.deliver_webhook"
+WEBHOOK_DISPATCH_TASK = "atelier.dispatch_webhooks"
 
 
 def _broker_options(settings: Settings) -> dict[str, Any]:
@@ -56,6 +58,8 @@ def make_celery(settings: Settings) -> Celery:
             TRAIN_TASK: {"queue": TRAIN_QUEUE},
             GENERATE_TASK: {"queue": GENERATE_QUEUE},
             REAP_TASK: {"queue": MAINTENANCE_QUEUE},
+            WEBHOOK_TASK: {"queue": MAINTENANCE_QUEUE},
+            WEBHOOK_DISPATCH_TASK: {"queue": MAINTENANCE_QUEUE},
         },
         task_default_queue=MAINTENANCE_QUEUE,
         beat_schedule={
@@ -64,6 +68,13 @@ def make_celery(settings: Settings) -> Celery:
                 "task": REAP_TASK,
                 "schedule": settings.reap_interval_s,
                 "options": {"expires": settings.reap_interval_s},
+            },
+            # Re-sends webhook deliveries that are overdue: their message was lost (broker down at
+            # commit, Redis restart) or their worker died mid-attempt.
+            "dispatch-webhooks": {
+                "task": WEBHOOK_DISPATCH_TASK,
+                "schedule": settings.webhook_dispatch_interval_s,
+                "options": {"expires": settings.webhook_dispatch_interval_s},
             },
         },
         worker_hijack_root_logger=False,
@@ -83,6 +94,10 @@ def send_train(job_id: str) -> None:
 
 def send_generate(generation_id: str) -> None:
     get_celery().send_task(GENERATE_TASK, args=[generation_id], queue=GENERATE_QUEUE)
+
+
+def send_webhook(delivery_id: str, countdown: float | None = None) -> None:
+    get_celery().send_task(WEBHOOK_TASK, args=[delivery_id], queue=MAINTENANCE_QUEUE, countdown=countdown)
 
 
 @worker_process_init.connect

@@ -12,11 +12,19 @@ import socket
 
 from celery import shared_task
 
-from core import jobs
+from core import jobs, webhook_delivery
 from core.config import get_settings
 from core.db import session_scope
 from core.storage import make_storage
-from worker.app import GENERATE_TASK, REAP_TASK, TRAIN_TASK, send_train
+from worker.app import (
+    GENERATE_TASK,
+    REAP_TASK,
+    TRAIN_TASK,
+    WEBHOOK_DISPATCH_TASK,
+    WEBHOOK_TASK,
+    send_train,
+    send_webhook,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,3 +71,35 @@ def reap_stale_jobs() -> dict[str, list[str]]:
     if requeued or resent:
         log.info("reaper: requeued %s, re-sent %s", requeued, resent)
     return {"requeued": requeued, "resent": resent}
+
+
+@shared_task(name=WEBHOOK_TASK, acks_late=True)
+def deliver_webhook(delivery_id: str) -> str:
+    """One attempt; a failed one schedules the next with a countdown. A lost countdown message
+    (worker restart, broker restart) is covered by dispatch_webhooks, as is a worker killed mid-send."""
+    outcome = webhook_delivery.deliver(delivery_id=delivery_id, settings=get_settings())
+    if outcome.retry_in is not None:
+        try:
+            send_webhook(delivery_id, countdown=outcome.retry_in)
+        except Exception:
+            log.warning("could not schedule webhook %s again; the beat re-sends it when due", delivery_id)
+    return outcome.status
+
+
+@shared_task(name=WEBHOOK_DISPATCH_TASK, acks_late=True)
+def dispatch_webhooks() -> dict[str, list[str]]:
+    """Ring again for webhook deliveries that are overdue (the outbox's reconciler)."""
+    settings = get_settings()
+    with session_scope(settings.database_url) as session:
+        due = webhook_delivery.sweep(session=session, settings=settings)
+    sent = []
+    for delivery_id in due:
+        try:
+            send_webhook(delivery_id)
+        except Exception:
+            log.exception("could not re-send webhook delivery %s", delivery_id)
+            break  # the broker is down: the next beat tries again
+        sent.append(delivery_id)
+    if due:
+        log.info("webhooks: %d overdue, re-sent %d", len(due), len(sent))
+    return {"due": due, "sent": sent}

@@ -17,7 +17,7 @@ from api.files import file_url
 from api.pagination import page
 from api.routes.datasets import get_owned_dataset
 from api.schemas import EventPublic, EventsPublic, JobCreate, JobPublic, JobsPublic
-from core import jobs
+from core import jobs, url_guard
 from core.base_models import BaseModelNotAllowed, get_base_model_info
 from core.db import new_session
 from core.errors import ApiError, not_found
@@ -59,6 +59,26 @@ def _check_inputs(session: SessionDep, settings: SettingsDep, tenant_id: str, bo
         )
 
 
+def _check_webhook(settings: SettingsDep, body: JobCreate) -> None:
+    if body.webhook_events is not None and not body.webhook_url:
+        message = "webhook_events needs a webhook_url"
+        raise ApiError(
+            422, "invalid_request", message, errors=[{"pointer": "/webhook_events", "message": message}]
+        )
+    if not body.webhook_url:
+        return
+    try:
+        # Resolved here and again before every delivery (the name may be re-pointed in between).
+        url_guard.check_url(body.webhook_url, allow_hosts=settings.webhook_allow_hosts)
+    except url_guard.UrlNotAllowed as exc:
+        raise ApiError(
+            422,
+            "url_not_allowed",
+            f"webhook_url is not allowed: {exc}",
+            errors=[{"pointer": "/webhook_url", "message": str(exc), "reason": exc.reason}],
+        ) from exc
+
+
 def _replayed(response: Response, job: Job) -> JobPublic:
     response.status_code = 200
     response.headers["Idempotent-Replayed"] = "true"
@@ -74,21 +94,28 @@ def create_job(
     tenant_id: TenantDep,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> JobPublic:
+    spec, webhook = body.job_spec(), body.webhook()
     try:
         # A retried create answers with the job it made, even if its inputs changed since.
         if idempotency_key:
             replay = jobs.find_replay(
-                session=session, tenant_id=tenant_id, spec=body, idempotency_key=idempotency_key
+                session=session,
+                tenant_id=tenant_id,
+                spec=spec,
+                idempotency_key=idempotency_key,
+                webhook=webhook,
             )
             if replay is not None:
                 return _replayed(response, replay)
         _check_inputs(session, settings, tenant_id, body)
+        _check_webhook(settings, body)
         job, created = jobs.create_job(
             session=session,
             tenant_id=tenant_id,
-            spec=body,
+            spec=spec,
             idempotency_key=idempotency_key,
             max_attempts=settings.max_attempts,
+            webhook=webhook,
         )
     except jobs.IdempotencyConflict as exc:
         raise ApiError(422, "idempotency_key_reused", str(exc)) from exc
