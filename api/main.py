@@ -12,7 +12,18 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from api.routes import artifacts, catalog, datasets, files, generations, health, images, jobs, webhooks
+from api.routes import (
+    artifacts,
+    catalog,
+    dashboard,
+    datasets,
+    files,
+    generations,
+    health,
+    images,
+    jobs,
+    webhooks,
+)
 from core.config import get_settings
 from core.db import upgrade
 from core.errors import ApiError
@@ -105,6 +116,17 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 def create_app(*, migrate: bool = True) -> FastAPI:
     app = FastAPI(title="Atelier", version="1.0", lifespan=lifespan if migrate else None)
     install_error_handlers(app)
-    for module in (health, catalog, datasets, jobs, webhooks, artifacts, generations, images, files):
+    for module in (
+        health,
+        catalog,
+        datasets,
+        jobs,
+        webhooks,
+        artifacts,
+        generations,
+        images,
+        files,
+        dashboard,
+    ):
         app.include_router(module.router)
     return app

@@ -246,6 +246,9 @@ def finish(
     }
     if status == JobStatus.succeeded:
         values["step"] = Job.total_steps  # the last heartbeat may predate the final steps
+        final_loss = (artifact.manifest.get("metrics") or {}).get("final_loss") if artifact else None
+        if final_loss is not None:  # a job shorter than one heartbeat never reported a loss
+            values["loss"] = final_loss
     row = session.execute(
         update(Job).where(_fenced(job_id, attempt)).values(**values).returning(Job.tenant_id, Job.spec)
     ).first()

@@ -27,7 +27,11 @@ from core.timeutil import utcnow
 from tests.db_fixtures import insert_dataset, lora_spec, make_tenant
 
 LEASE_S = 60.0
-MANIFEST = {"method": "lora", "files": [{"name": "pytorch_lora_weights.safetensors"}]}
+MANIFEST = {
+    "method": "lora",
+    "files": [{"name": "pytorch_lora_weights.safetensors"}],
+    "metrics": {"final_loss": 0.125},
+}
 
 
 @dataclass
@@ -305,6 +309,8 @@ def test_finish_commits_the_artifact_with_the_job(machine: Machine) -> None:
     row = machine.row()
     assert row.artifact_id == artifact_id
     assert row.finished_at is not None and row.lease_expires_at is None
+    # A job shorter than one heartbeat never reported progress: the final loss comes with the artifact.
+    assert row.loss == 0.125 and row.step == row.total_steps
     with new_session(machine.url) as session:
         artifact = session.get(Artifact, artifact_id)
         assert artifact is not None

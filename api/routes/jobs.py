@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Annotated
 
@@ -27,6 +28,7 @@ from worker.app import send_train
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+KEEPALIVE_S = 15.0
 
 
 def _check_inputs(session: SessionDep, settings: SettingsDep, tenant_id: str, body: JobCreate) -> None:
@@ -192,6 +194,7 @@ def job_events(
 async def _stream(database_url: str, job_id: str, after: int) -> AsyncIterator[str]:
     """Server-sent events: each job event, plus `progress` snapshots, until the job is terminal."""
     last_progress = None
+    quiet_since = time.monotonic()
     while True:
         with new_session(database_url) as session:
             events = _events_after(session, job_id, after, 500)
@@ -199,13 +202,20 @@ async def _stream(database_url: str, job_id: str, after: int) -> AsyncIterator[s
             assert job is not None
             snapshot = JobPublic.from_row(job).progress.model_dump()
             terminal = JobStatus(job.status).is_terminal
+        sent = bool(events)
         for event in events:
             after = event.id
             payload = EventPublic.from_row(event).model_dump_json()
             yield f"id: {event.id}\nevent: {event.type}\ndata: {payload}\n\n"
         if snapshot != last_progress:
-            last_progress = snapshot
+            last_progress, sent = snapshot, True
             yield f"event: progress\ndata: {json.dumps(snapshot)}\n\n"
+        if sent:
+            quiet_since = time.monotonic()
+        elif time.monotonic() - quiet_since >= KEEPALIVE_S:
+            # A comment line: clients ignore it, proxies see traffic and keep the stream open.
+            quiet_since = time.monotonic()
+            yield ": keep-alive\n\n"
         if terminal and not events:
             return
         await asyncio.sleep(0.5)
