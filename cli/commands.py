@@ -120,6 +120,10 @@ def jobs_create(args: argparse.Namespace, client: AtelierClient) -> int:
         training_file=args.training,
         sets=args.set,
     )
+    if args.webhook_url:
+        body["webhook_url"] = args.webhook_url
+    if args.webhook_events:
+        body["webhook_events"] = [e.strip() for e in args.webhook_events.split(",") if e.strip()]
     # One key per invocation: httpx retries nothing, but a user re-running after a timeout can pass
     # --idempotency-key to be sure no second job trains.
     job = client.create_job(body, idempotency_key=args.idempotency_key or str(uuid.uuid4()))

@@ -66,6 +66,12 @@ def _jobs(sub: argparse._SubParsersAction, conn: list) -> None:
         help="override one field, e.g. training.max_steps=200 or params.rank=8 (repeatable)",
     )
     create.add_argument("--idempotency-key", help="re-running with the same key never trains twice")
+    create.add_argument("--webhook-url", help="https URL that receives signed job events")
+    create.add_argument(
+        "--webhook-events",
+        metavar="EVENT,...",
+        help="started,checkpoint,succeeded,failed,canceled (default: all but checkpoint)",
+    )
     create.add_argument("--watch", action="store_true", help="then follow it like `jobs watch`")
     watch = _leaf(group, "watch", commands.jobs_watch, conn, "follow a job's progress to its end")
     watch.add_argument("id")

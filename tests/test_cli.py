@@ -487,3 +487,17 @@ def test_cli_end_to_end_on_the_embedded_service(embedded_stack: Stack, tmp_path:
     assert watched.code == 3 and "canceled" in watched.err
     listing = _atelier(embedded_stack, key, "jobs", "list")
     assert job_id in listing.out and long_job.out.strip() in listing.out
+
+
+def test_webhook_flags_reach_the_job_request(
+    cli,
+    acme: ApiTenant,
+    sent_tasks,
+    tmp_path: Path,  # type: ignore[no-untyped-def]
+) -> None:
+    # A private address is refused by the API: the flag reached the request body, and the user sees why.
+    run = _create(cli, acme, tmp_path, "--webhook-url", "https://10.0.0.7/hook", "--webhook-events", "failed")
+    assert run.code == 1 and "url_not_allowed" in run.err and "/webhook_url" in run.err, run.err
+    run = _create(cli, acme, tmp_path, "--webhook-events", "failed")
+    assert run.code == 1 and "/webhook_events" in run.err, run.err
+    assert sent_tasks.train == []
