@@ -59,6 +59,7 @@ def write_manifest(
     artifact_format: str = "diffusers",
     exports: dict[str, list[str]] | None = None,
     export_errors: dict[str, str] | None = None,
+    base_architecture: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Hash every file in `artifact_dir` and write manifest.json beside them (atomically, last)."""
     files = [
@@ -76,6 +77,9 @@ def write_manifest(
         "method": method,
         "format": artifact_format,
         "base_model": {"id": base_model, "family": base_family},
+        # core.base_models.architecture_of_folder of the base trained on: generation requests on
+        # another base of the same family and architecture may use the artifact.
+        "base_architecture": base_architecture,
         "files": files,
         # Other tools' formats of the same weights: {format: [file names]} (core/exports).
         "exports": exports or {},

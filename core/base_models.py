@@ -22,6 +22,13 @@ SourceKind = Literal["builtin", "hf", "storage", "local"]
 
 # What the built-in bases are, known without building them (core/tiny makes 32 px images).
 BUILTINS: dict[str, tuple[Family, int]] = {"tiny-sd": ("sd", 32), "tiny-sdxl": ("sdxl", 32)}
+# Their architecture signatures (see `architecture_of_folder`), so the API can check artifacts
+# against a built-in base it has never built; tests/test_composition.py compares them with the
+# built folders.
+BUILTIN_ARCHITECTURES: dict[str, dict[str, Any]] = {
+    "tiny-sd": {"block_out_channels": [16, 32], "cross_attention_dim": 32, "text_widths": [32]},
+    "tiny-sdxl": {"block_out_channels": [16, 32], "cross_attention_dim": 64, "text_widths": [32, 32]},
+}
 
 
 class BaseModelNotAllowed(Exception):
@@ -108,6 +115,47 @@ def describe_folder(folder: Path) -> tuple[Family | None, int | None]:
         return family, None
     # Each VAE level after the first halves the image: latent side * 2**(levels-1) = pixels.
     return family, sample_size * 2 ** (len(blocks) - 1)
+
+
+def architecture_of_folder(folder: Path) -> dict[str, Any] | None:
+    """A small signature of what an artifact's tensors must fit, from the folder's JSON configs:
+    the UNet's channel widths and cross-attention width, and each text encoder's width. SD 1.x and
+    2.x share a family but not this (768 vs 1024 wide); two SD 1.5 fine-tunes share both."""
+    unet = _read_json(folder / "unet" / "config.json")
+    if unet is None or "block_out_channels" not in unet:
+        return None
+    widths = []
+    for name in ("text_encoder", "text_encoder_2"):
+        config = _read_json(folder / name / "config.json")
+        if config is not None and "hidden_size" in config:
+            widths.append(config["hidden_size"])
+    return {
+        "block_out_channels": list(unet["block_out_channels"]),
+        "cross_attention_dim": unet.get("cross_attention_dim"),
+        "text_widths": widths,
+    }
+
+
+@dataclass(frozen=True)
+class BaseDescription:
+    """What a compatibility check knows about a base: None where it cannot tell without fetching."""
+
+    id: str
+    family: Family | None
+    architecture: dict[str, Any] | None
+
+
+def describe_base(model_id: str, settings: Any) -> BaseDescription:
+    """Family and architecture of an allowed base, where the API can see them: built-ins from the
+    table above, local folders from their configs; hf: and storage: bases only once fetched by a
+    worker, so not here. Raises BaseModelNotAllowed."""
+    info = get_base_model_info(model_id, settings)
+    kind, value = split_source(info.source)
+    if kind == "builtin":
+        return BaseDescription(model_id, info.family, BUILTIN_ARCHITECTURES.get(value))
+    if kind == "local":
+        return BaseDescription(model_id, info.family, architecture_of_folder(Path(value)))
+    return BaseDescription(model_id, info.family, None)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
