@@ -52,11 +52,11 @@ class Stack:
     def settings(self) -> Settings:
         return Settings(home=self.home, database_url=self.database_url)
 
-    def _spawn(self, name: str, *args: str) -> subprocess.Popen:
+    def _spawn(self, name: str, *args: str, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
         log = (self.home / f"{name}.log").open("ab")
         process = subprocess.Popen(
             [sys.executable, "-m", "cli.main", *args],
-            env=self.env,
+            env={**self.env, **(extra_env or {})},
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -64,11 +64,11 @@ class Stack:
         self.processes[name] = process
         return process
 
-    def start_api(self, *, with_worker: bool = False) -> None:
+    def start_api(self, *, with_worker: bool = False, extra_env: dict[str, str] | None = None) -> None:
         port = free_port()
         self.base_url = f"http://127.0.0.1:{port}"
         args = ["serve", "--port", str(port)] + ([] if with_worker else ["--no-worker"])
-        self._spawn("api", *args)
+        self._spawn("api", *args, extra_env=extra_env)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
@@ -91,6 +91,45 @@ class Stack:
             "0",
         )
         return self._spawn("worker", "worker", "--queues", "train", "--max-tasks-per-child", "1")
+
+    def start_train_worker(self, name: str) -> subprocess.Popen:
+        """One GPU's training worker as docker-compose.yml runs it: one job at a time, a fresh
+        process per job."""
+        args = ("worker", "--queues", "train", "--concurrency", "1", "--max-tasks-per-child", "1")
+        return self._spawn(name, *args)
+
+    def start_topology(
+        self, *, train_workers: int = 2, api_env: dict[str, str] | None = None
+    ) -> dict[str, subprocess.Popen]:
+        """docker-compose.yml's processes: the API, `train_workers` training workers (worker-train-1,
+        -2, ...), a generate+maintenance worker, and beat on its own. `api_env` is added to the
+        environment of the API and beat, the two roles of the torch-free image. Returns the
+        training workers by name, once each is consuming."""
+        self.start_api(extra_env=api_env)
+        self._spawn("beat", "beat", extra_env=api_env)
+        self._spawn(
+            "worker-generate",
+            *("worker", "--queues", "generate,maintenance", "--concurrency", "1"),
+            *("--max-tasks-per-child", "0"),
+        )
+        trainers = {
+            f"worker-train-{n}": self.start_train_worker(f"worker-train-{n}")
+            for n in range(1, train_workers + 1)
+        }
+        for name in trainers:
+            self.wait_consuming(name)
+        return trainers
+
+    def wait_consuming(self, name: str, timeout_s: float = 90) -> None:
+        """Until the Celery worker logs that it is ready (connected, consuming its queues)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if " ready." in self.log(name):
+                return
+            if self.processes[name].poll() is not None:
+                break
+            time.sleep(0.3)
+        raise AssertionError(f"{name} did not start:\n{self.log(name)}")
 
     def client(self, tenant: str = "acme") -> AtelierClient:
         upgrade(self.database_url)
