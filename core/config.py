@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     storage_root: Path | None = None  # local storage folder, default home/storage
     s3_bucket: str = "atelier"
     s3_endpoint_url: str | None = None
+    # Where users' machines reach the same S3 server, for presigned download URLs (compose: the
+    # services use http://minio:9000, a browser on the host http://localhost:9000). Default: the above.
+    s3_public_endpoint_url: str | None = None
     s3_region: str = "us-east-1"
     s3_create_bucket: bool = True
     presign_ttl_s: int = 900

@@ -49,6 +49,7 @@ class S3Storage:
         region: str = "us-east-1",
         session: boto3.session.Session | None = None,
         max_attempts: int = 5,
+        public_endpoint_url: str | None = None,
     ) -> None:
         self.bucket = bucket
         self.region = region
@@ -63,14 +64,23 @@ class S3Storage:
             connect_timeout=5,
         )
         # One client per instance: clients are thread-safe, sessions are not.
-        self._client = (session or boto3.session.Session()).client(
-            "s3", endpoint_url=endpoint_url, config=config
+        session = session or boto3.session.Session()
+        self._client = session.client("s3", endpoint_url=endpoint_url, config=config)
+        # Presigned URLs are for the users' machines: SigV4 signs the host, so they are signed for
+        # the address users reach (e.g. http://localhost:9000 when the services talk to minio:9000).
+        self._signer = (
+            session.client("s3", endpoint_url=public_endpoint_url, config=config)
+            if public_endpoint_url
+            else self._client
         )
 
     @classmethod
     def from_settings(cls, settings: Settings) -> S3Storage:
         storage = cls(
-            bucket=settings.s3_bucket, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region
+            bucket=settings.s3_bucket,
+            endpoint_url=settings.s3_endpoint_url,
+            region=settings.s3_region,
+            public_endpoint_url=settings.s3_public_endpoint_url,
         )
         if settings.s3_create_bucket:
             storage.ensure_bucket()
@@ -194,7 +204,7 @@ class S3Storage:
             params["ResponseContentDisposition"] = _content_disposition(filename)
         # Signing is local (no request), but a broken credential chain still raises here.
         with self._translate(key, "sign a URL for"):
-            return self._client.generate_presigned_url("get_object", Params=params, ExpiresIn=expires_s)
+            return self._signer.generate_presigned_url("get_object", Params=params, ExpiresIn=expires_s)
 
     def check(self) -> None:
         try:

@@ -261,6 +261,17 @@ def test_presigned_url_is_signed_and_expires(s3: S3Storage) -> None:
         s3.presigned_url("a/b", expires_s=8 * 24 * 3600)  # SigV4's limit is 7 days
 
 
+def test_presigned_urls_use_the_public_endpoint(s3: S3Storage, s3_server: S3Server) -> None:
+    """Services reach S3 at one address, users at another: the URL is signed for the users' one."""
+    public = s3_server.endpoint_url.replace("127.0.0.1", "localhost")
+    assert public != s3_server.endpoint_url
+    storage = S3Storage(bucket=s3.bucket, endpoint_url=s3_server.endpoint_url, public_endpoint_url=public)
+    storage.put_bytes("pub/x", b"public")
+    url = storage.presigned_url("pub/x")
+    assert url.startswith(public + "/")
+    assert httpx.get(url).content == b"public"
+
+
 def test_local_storage_has_no_presigned_urls(tmp_path: Path) -> None:
     storage = LocalStorage(tmp_path)
     storage.put_bytes("a/b", b"x")
