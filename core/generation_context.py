@@ -5,7 +5,8 @@ attention processors, a swapped UNet) must be undone after the request. Each `ap
 undo; `applied` runs them last-first, also when generation fails, so nothing leaks into the next
 request. Artifacts are applied in a fixed order (dreambooth, textual inversion, lora, ip_adapter,
 hypernetwork, controlnet) so that, for example, LoRA layers land on a DreamBooth UNet rather than on
-the base's.
+the base's. The worker's own changes go the same way: a request's scheduler (`use_scheduler`) and
+the cached CLIP image encoder it lends an IP-Adapter (`provide_image_encoder`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,22 @@ log = logging.getLogger(__name__)
 # ip_adapter before hypernetwork: load_ip_adapter replaces every attention processor, while the
 # hypernetwork wraps whatever processor it finds (so it also transforms the text part of IP attention).
 APPLY_ORDER = ("dreambooth", "textual_inversion", "lora", "ip_adapter", "hypernetwork", "controlnet")
+# Request scheduler name -> (diffusers class, settings over the base scheduler's config).
+SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "ddim": ("DDIMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+}
+
+
+def make_scheduler(name: str, base_config: Any) -> Any:
+    """A fresh scheduler `name` over the base's config: same betas, prediction type and timestep
+    spacing as the base was trained and shipped with, only the sampling rule differs."""
+    import diffusers
+
+    class_name, overrides = SCHEDULERS[name]
+    return getattr(diffusers, class_name).from_config(base_config, **overrides)
 
 
 @dataclass
@@ -50,6 +67,23 @@ class GenerationContext:
     controlnets: list[ControlNetUse] = field(default_factory=list)
     undo: list[Callable[[], None]] = field(default_factory=list)
     dirty: bool = False  # an undo failed: the cached pipeline must not serve another request
+
+    def use_scheduler(self, name: str) -> None:
+        """This request samples with `name`: a fresh scheduler (no state shared with any other
+        request) on the cached pipeline, whose own scheduler an undo puts back."""
+        pipe, original = self.pipe, self.pipe.scheduler
+        self.undo.append(lambda: setattr(pipe, "scheduler", original))
+        pipe.scheduler = make_scheduler(name, original.config)
+
+    def provide_image_encoder(self, encoder: Any) -> None:
+        """Lend a loaded (worker-cached) CLIP image encoder to this request: an IP-Adapter `apply`
+        then finds it on the pipeline instead of loading one from disk. Call before applying; the
+        undo (run after the adapter's own) leaves the pipeline as it was."""
+        pipe = self.pipe
+        if getattr(pipe, "image_encoder", None) is not None:
+            return
+        self.undo.append(lambda: pipe.register_modules(image_encoder=None))
+        pipe.register_modules(image_encoder=encoder)
 
     def pipeline(self) -> Any:
         """The pipeline to call: the base's, or its ControlNet variant over the same components."""
@@ -105,14 +139,20 @@ def applied(
             method.apply(ctx, artifact_dir, manifest, use)
         yield ctx.pipeline()
     finally:
-        failed: Exception | None = None
-        while ctx.undo:
-            action = ctx.undo.pop()
-            try:
-                action()
-            except Exception as exc:  # keep undoing the rest; the caller drops the pipeline
-                log.exception("undo after a generation failed")
-                failed = failed or exc
-        if failed is not None:
-            ctx.dirty = True
-            raise failed
+        undo_all(ctx)
+
+
+def undo_all(ctx: GenerationContext) -> None:
+    """Run every pushed undo, last first, even when one fails (then the context is marked dirty
+    and the first failure raised: the caller must drop the pipeline)."""
+    failed: Exception | None = None
+    while ctx.undo:
+        action = ctx.undo.pop()
+        try:
+            action()
+        except Exception as exc:  # keep undoing the rest
+            log.exception("undo after a generation failed")
+            failed = failed or exc
+    if failed is not None:
+        ctx.dirty = True
+        raise failed

@@ -1,14 +1,20 @@
 """Generation: load the base pipeline (cached per process), apply artifacts, generate, store PNGs.
 
-Adapters are removed after every request, so nothing one request applied leaks into the next.
+Adapters are removed after every request, so nothing one request applied leaks into the next. Per
+process the worker keeps a few base pipelines (LRU), each base's CLIP image encoder once an
+IP-Adapter needed it, and local copies of artifacts keyed by their content's sha256.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import json
 import logging
+import secrets
+import shutil
+import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +24,7 @@ import torch
 from PIL.PngImagePlugin import PngInfo
 from sqlalchemy import update
 
+from core.artifacts import ArtifactError, sha256_file
 from core.config import Settings
 from core.db import session_scope
 from core.inference_params import GenerationSpec
@@ -27,11 +34,20 @@ from core.timeutil import utcnow
 
 log = logging.getLogger(__name__)
 MAX_PIPELINES = 2
+EXPORTS = "exports/"  # other tools' formats of the same weights: generation never reads them
 
-_pipelines: OrderedDict[str, tuple[Any, Path]] = OrderedDict()
+
+@dataclass
+class CachedBase:
+    pipe: Any
+    path: Path  # the base's local diffusers folder
+    image_encoder: Any | None = None  # loaded on the first IP-Adapter request on this base
 
 
-def get_pipeline(model_id: str, settings: Settings, storage: Storage) -> tuple[Any, Path]:
+_pipelines: OrderedDict[str, CachedBase] = OrderedDict()
+
+
+def get_pipeline(model_id: str, settings: Settings, storage: Storage) -> CachedBase:
     """A bounded LRU of base pipelines (and their local folders): loading one costs seconds to minutes."""
     from core.base_loader import ensure_local, load_pipeline
     from core.devices import pick_device
@@ -43,7 +59,7 @@ def get_pipeline(model_id: str, settings: Settings, storage: Storage) -> tuple[A
     fetch = functools.partial(download_prefix, storage)
     pipe = load_pipeline(model_id, settings=settings, device=device, dtype=dtype, fetch_prefix=fetch)
     pipe.set_progress_bar_config(disable=True)
-    _pipelines[model_id] = (pipe, ensure_local(model_id, settings=settings, fetch_prefix=fetch))
+    _pipelines[model_id] = CachedBase(pipe, ensure_local(model_id, settings=settings, fetch_prefix=fetch))
     while len(_pipelines) > MAX_PIPELINES:
         _pipelines.popitem(last=False)
     return _pipelines[model_id]
@@ -53,13 +69,78 @@ def forget_pipeline(model_id: str) -> None:
     _pipelines.pop(model_id, None)
 
 
+def image_encoder(cached: CachedBase, settings: Settings) -> Any | None:
+    """The base's CLIP image encoder, loaded once per cached base (IP-Adapter requests)."""
+    from core.base_loader import image_encoder_folder
+    from core.methods.ip_adapter import load_image_encoder
+
+    if cached.image_encoder is None:
+        path = image_encoder_folder(cached.path, settings)
+        if path is None:  # the adapter's apply says what is missing
+            return None
+        pipe = cached.pipe
+        cached.image_encoder = load_image_encoder(path, dtype=pipe.dtype).to(pipe.device)
+    return cached.image_encoder
+
+
+def content_key(manifest: dict[str, Any]) -> str | None:
+    """sha256 over the (name, sha256) of the files generation reads: equal for artifacts with the
+    same content, different as soon as one file differs. None for a manifest without hashes."""
+    entries = []
+    for entry in manifest.get("files") or []:
+        name, digest = str(entry.get("name", "")), entry.get("sha256")
+        if name.startswith(EXPORTS):
+            continue
+        if not name or not isinstance(digest, str):
+            return None
+        entries.append([name, digest])
+    if not entries:
+        return None
+    return hashlib.sha256(json.dumps(sorted(entries)).encode()).hexdigest()
+
+
 def artifact_dir(artifact: Artifact, storage: Storage, settings: Settings) -> Path:
-    """Artifacts are immutable once their manifest exists, so a local copy is cached by artifact id."""
+    """The artifact's files on local disk, one copy per content (see `content_key`): identical
+    artifacts share it, and an artifact whose files were replaced gets a new one, never the stale."""
     assert settings.model_cache is not None
-    local = settings.model_cache / "artifacts" / artifact.id
-    if not (local / "manifest.json").exists():
-        download_prefix(storage, artifact.storage_prefix, local)
+    root = settings.model_cache / "artifacts"
+    key = content_key(artifact.manifest)
+    if key is None:  # no file hashes to key or check by: a copy per artifact id
+        local = root / artifact.id
+        if not (local / "manifest.json").exists():
+            download_prefix(storage, artifact.storage_prefix, local)
+        return local
+    local = root / key
+    if local.is_dir():
+        return local
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{key[:16]}.", dir=root))
+    try:
+        _fetch_files(storage, artifact.storage_prefix, artifact.manifest, staging)
+        try:
+            staging.rename(local)  # complete or absent: readers never see half a copy
+        except OSError:
+            if not local.is_dir():  # else another process put the same content in place first
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return local
+
+
+def _fetch_files(storage: Storage, prefix: str, manifest: dict[str, Any], folder: Path) -> None:
+    """Download the files generation reads and check each against its manifest sha256."""
+    root = folder.resolve()
+    for entry in manifest["files"]:
+        name = str(entry["name"])
+        if name.startswith(EXPORTS):
+            continue
+        path = (folder / name).resolve()
+        if not path.is_relative_to(root) or path == root:  # a manifest is data, not a path to trust
+            raise ArtifactError(f"manifest names a file outside the artifact: {name!r}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        storage.get_file(f"{prefix.rstrip('/')}/{name}", path)
+        if sha256_file(path) != entry["sha256"]:
+            raise ArtifactError(f"{prefix}/{name} does not match its manifest sha256")
 
 
 @dataclass
@@ -71,17 +152,29 @@ class Use:
     image: Any | None  # PIL
 
 
+def image_seeds(spec: GenerationSpec) -> list[int]:
+    """Image i uses seed + i: each image can be made again alone, with num_images 1."""
+    assert spec.seed is not None, "the worker fixes the seed before generating"
+    return [spec.seed + index for index in range(spec.num_images)]
+
+
 def generate_images(
-    *, spec: GenerationSpec, uses: list[Use], settings: Settings, storage: Storage
+    *,
+    spec: GenerationSpec,
+    uses: list[Use],
+    settings: Settings,
+    storage: Storage,
+    output_type: str = "pil",
 ) -> list[Any]:
+    """The images of `spec`, whose seed is fixed (run_generation draws one when the request has
+    none); `output_type` "np" gives float arrays, for comparisons finer than 8-bit pixels."""
     from core.base_loader import image_encoder_folder
-    from core.generation_context import ArtifactUse, GenerationContext, applied
+    from core.generation_context import ArtifactUse, GenerationContext, applied, undo_all
     from core.methods import get_method
 
-    pipe, base_path = get_pipeline(spec.base_model, settings, storage)
-    ctx = GenerationContext(
-        pipe=pipe, base_path=base_path, image_encoder_path=image_encoder_folder(base_path, settings)
-    )
+    cached = get_pipeline(spec.base_model, settings, storage)
+    encoder_path = image_encoder_folder(cached.path, settings)
+    ctx = GenerationContext(pipe=cached.pipe, base_path=cached.path, image_encoder_path=encoder_path)
     applications = [
         (
             get_method(use.artifact.method),
@@ -91,8 +184,16 @@ def generate_images(
         )
         for index, use in enumerate(uses)
     ]
-    generator = torch.Generator("cpu").manual_seed(spec.seed if spec.seed is not None else 0)
+    wants_encoder = any(use.artifact.method == "ip_adapter" for use in uses)
+    encoder = image_encoder(cached, settings) if wants_encoder else None
+    # One generator per image, so image i does not depend on how many came before it.
+    generators = [torch.Generator("cpu").manual_seed(seed) for seed in image_seeds(spec)]
     try:
+        # Both push undos before `applied` runs them; undo_all below covers a failure in between.
+        if spec.scheduler is not None:
+            ctx.use_scheduler(spec.scheduler)
+        if encoder is not None:
+            ctx.provide_image_encoder(encoder)
         with applied(ctx, applications) as call:
             result = call(
                 prompt=spec.prompt,
@@ -102,20 +203,30 @@ def generate_images(
                 width=spec.width,
                 height=spec.height,
                 num_images_per_prompt=spec.num_images,
-                generator=generator,
+                generator=generators,
+                output_type=output_type,
                 **ctx.call_kwargs,
                 **ctx.controlnet_kwargs(),
             )
     finally:
-        # An undo that failed may have left the cached pipeline changed: load it afresh next time.
-        if ctx.dirty:
-            forget_pipeline(spec.base_model)
+        try:
+            undo_all(ctx)
+        finally:
+            # An undo that failed may have left the cached pipeline changed: load it afresh next time.
+            if ctx.dirty:
+                forget_pipeline(spec.base_model)
     return list(result.images)
+
+
+def png_parameters(spec: GenerationSpec, index: int) -> dict[str, Any]:
+    """What a PNG records: the request, with `seed` this image's own (request seed + index), so
+    the same parameters with num_images 1 make this image again."""
+    return {**spec.model_dump(mode="json"), "seed": image_seeds(spec)[index], "index": index}
 
 
 def _png(image: Any, spec: GenerationSpec, index: int) -> bytes:
     info = PngInfo()
-    info.add_text("parameters", json.dumps({**spec.model_dump(mode="json"), "index": index}))
+    info.add_text("parameters", json.dumps(png_parameters(spec, index)))
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue()
@@ -133,6 +244,8 @@ def run_generation(*, generation_id: str, settings: Settings, storage: Storage) 
         generation = session.get(Generation, generation_id)
         assert generation is not None
         spec = GenerationSpec.model_validate(generation.spec)
+        if spec.seed is None:  # requests queued before the API fixed the seed
+            spec = spec.model_copy(update={"seed": secrets.randbelow(2**32 - spec.num_images)})
         tenant_id = generation.tenant_id
         refs = spec.uses()
         rows = {ref.artifact_id: session.get(Artifact, ref.artifact_id) for ref in refs}

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, Field, field_validator
 
 from core.methods.params import MethodName, StrictModel
 
+# The samplers a request may pick, each made from the base scheduler's own config (betas, prediction
+# type, spacing) by core.generation_context.make_scheduler.
+SchedulerName = Literal["ddim", "euler", "euler_a", "dpmpp_2m"]
 IMAGE_ID = re.compile(r"^img_[0-9a-f]{24}$")  # core.ids.new_id("img")
 DATA_URI = re.compile(r"^data:image/(png|jpeg|webp);base64,")
 
@@ -92,7 +95,16 @@ class GenerationSpec(StrictModel):
     negative_prompt: str | None = Field(None, max_length=2000)
     steps: int = Field(25, ge=1, le=150)
     guidance_scale: float = Field(7.5, ge=0.0, le=30.0)
-    seed: int | None = Field(None, ge=0, le=2**32 - 1)
+    seed: int | None = Field(
+        None,
+        ge=0,
+        le=2**32 - 1,
+        description="Image i uses seed + i, so each image can be made again alone; none: a random seed",
+    )
+    scheduler: SchedulerName | None = Field(
+        None,
+        description="ddim, euler, euler_a (Euler ancestral) or dpmpp_2m (DPM++ 2M); default: the base's own",
+    )
     width: int | None = Field(None, ge=8, le=2048, description="Default: the base model's native size")
     height: int | None = Field(None, ge=8, le=2048, description="Default: the base model's native size")
     num_images: int = Field(1, ge=1, le=8)

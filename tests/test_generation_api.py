@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import random
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,13 +18,14 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from core import jobs
+from core.artifacts import read_manifest
 from core.config import Settings
 from core.db import session_scope
 from core.generation_context import APPLY_ORDER
 from core.generation_images import ImageNotFound, image_key, load_image
 from core.inference_params import IMAGE_ID, GenerationSpec
 from core.models import JobStatus
-from core.storage import Storage, make_storage
+from core.storage import Storage, make_storage, upload_dir
 from tests.db_fixtures import ApiTenant, SentTasks
 from tests.test_api_contract import assert_problem, job_body
 
@@ -65,13 +67,27 @@ def storage(api_settings: Settings) -> Storage:
 
 
 def make_artifact(
-    client: TestClient, settings: Settings, tenant: ApiTenant, method: str, base_model: str = "tiny-sd"
+    client: TestClient,
+    settings: Settings,
+    tenant: ApiTenant,
+    method: str,
+    base_model: str = "tiny-sd",
+    *,
+    manifest: dict[str, Any] | None = None,
+    files: Path | None = None,
 ) -> str:
-    """A succeeded job of `method` and its artifact, run straight through core.jobs as a worker would."""
+    """A succeeded job of `method` and its artifact, run straight through core.jobs as a worker would.
+
+    The manifest is `manifest`, or that of the trained artifact folder `files` (then uploaded where
+    the worker looks), or a bare one with no file list, as written before manifests grew fields."""
     body = job_body(tenant.dataset_id, params=METHOD_PARAMS[method], base_model=base_model)
     response = client.post("/v1/jobs", json=body, headers=tenant.headers)
     assert response.status_code == 201, response.text
     job_id = response.json()["id"]
+    prefix = f"jobs/{job_id}/attempt-1"
+    if files is not None:
+        upload_dir(make_storage(settings), files, prefix)
+        manifest = read_manifest(files)
     with session_scope(settings.database_url) as session:
         attempt = jobs.claim(session=session, job_id=job_id, worker_id="w", lease_s=60)
         assert attempt == 1
@@ -80,7 +96,7 @@ def make_artifact(
             job_id=job_id,
             attempt=attempt,
             status=JobStatus.succeeded,
-            artifact=jobs.ArtifactRecord(storage_prefix=f"jobs/{job_id}/attempt-1", manifest={"files": []}),
+            artifact=jobs.ArtifactRecord(storage_prefix=prefix, manifest=manifest or {"files": []}),
         )
     assert artifact_id is not None
     return artifact_id

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import secrets
+from typing import Any
 
 from fastapi import APIRouter, Request
 from PIL import Image
@@ -11,12 +13,12 @@ from api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
 from api.files import file_url
 from api.routes.artifacts import get_owned_artifact
 from api.schemas import GenerationCreate, GenerationPublic
-from core.base_models import BaseModelNotAllowed, get_base_model_info
+from core.base_models import BaseDescription, BaseModelNotAllowed, describe_base
 from core.errors import ApiError, not_found
 from core.generation_images import FileProblem, decode_data_uri, image_exists, image_key, store_image
 from core.ids import new_id
 from core.inference_params import ArtifactRef, is_data_uri
-from core.models import Generation, JobStatus
+from core.models import Artifact, Generation, JobStatus
 from core.storage import Storage, StorageError
 from worker.app import send_generate
 
@@ -24,12 +26,58 @@ log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/generations", tags=["generations"])
 
 
-def _check_artifact(session: SessionDep, tenant_id: str, body: GenerationCreate, use: ArtifactRef) -> None:
+def _artifact_base(artifact: Artifact, settings: SettingsDep) -> BaseDescription:
+    """The base an artifact was trained on, as its manifest records it; what the manifest lacks
+    (written before family or architecture were recorded) is read from that base, if still allowed."""
+    recorded = artifact.manifest.get("base_model") or {}
+    family, architecture = recorded.get("family"), artifact.manifest.get("base_architecture")
+    if family is None or architecture is None:
+        try:
+            known = describe_base(artifact.base_model, settings)
+        except (BaseModelNotAllowed, ValueError):
+            known = BaseDescription(artifact.base_model, None, None)
+        family, architecture = family or known.family, architecture or known.architecture
+    return BaseDescription(artifact.base_model, family, architecture)
+
+
+def _describe(base: BaseDescription) -> str:
+    arch = base.architecture
+    parts = [f"family {base.family}" if base.family else "family unknown"]
+    if arch:
+        parts.append(f"cross-attention {arch.get('cross_attention_dim')}")
+        parts.append("text encoders " + "+".join(str(w) for w in arch.get("text_widths") or []))
+    return f"{base.id!r} ({', '.join(parts)})"
+
+
+def _same_architecture(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    # Only what both record: a signature that grows later still matches older manifests.
+    return all(a[key] == b[key] for key in a.keys() & b.keys())
+
+
+def _misfit(artifact: BaseDescription, base: BaseDescription) -> str | None:
+    """Why an artifact trained on `artifact` cannot be used on `base`, or None if it can: the same
+    family and architecture (any SD 1.5 fine-tune for an SD 1.5 LoRA); where the request's base
+    cannot be inspected, the same family; where even that is unknown, the same base id."""
+    trained = f"was trained on {_describe(artifact)}, which does not fit {_describe(base)}"
+    if artifact.family and base.family and artifact.family != base.family:
+        return trained
+    if artifact.architecture and base.architecture:
+        if _same_architecture(artifact.architecture, base.architecture):
+            return None
+        return trained.replace("does not fit", "differs in architecture from")
+    if artifact.id == base.id or (artifact.family and base.family):
+        return None
+    return f"was trained on {artifact.id!r}, not {base.id!r}, and the two cannot be compared here"
+
+
+def _check_artifact(
+    session: SessionDep, settings: SettingsDep, tenant_id: str, base: BaseDescription, use: ArtifactRef
+) -> None:
     artifact = get_owned_artifact(session, tenant_id, use.artifact_id)
     if artifact.method != use.method:
         reason = f"artifact {artifact.id} is a {artifact.method}, not a {use.method}"
-    elif artifact.base_model != body.base_model:
-        reason = f"artifact {artifact.id} was trained on {artifact.base_model!r}, not {body.base_model!r}"
+    elif (misfit := _misfit(_artifact_base(artifact, settings), base)) is not None:
+        reason = f"artifact {artifact.id} {misfit}"
     else:
         return
     pointer = f"{use.pointer}/artifact_id"
@@ -66,12 +114,12 @@ def _check(
     """Everything a worker would trip over, before queueing; returns the decoded data-URI images
     by the pointer of their use."""
     try:
-        get_base_model_info(body.base_model, settings)
+        base = describe_base(body.base_model, settings)
     except BaseModelNotAllowed as exc:
         raise ApiError(422, "base_model_not_allowed", str(exc)) from exc
     uses = body.uses()
     for use in uses:
-        _check_artifact(session, tenant_id, body, use)
+        _check_artifact(session, settings, tenant_id, base, use)
     decoded = {}
     for use in uses:
         if use.method in ("controlnet", "ip_adapter"):
@@ -107,6 +155,9 @@ def create_generation(
 ) -> GenerationPublic:
     decoded = _check(session, settings, storage, tenant_id, body)
     spec = body.with_images(_store_images(storage, tenant_id, decoded)) if decoded else body
+    if spec.seed is None:
+        # Drawn here, so the stored request (and each PNG) says how to make its images again.
+        spec = spec.model_copy(update={"seed": secrets.randbelow(2**32 - spec.num_images)})
     generation = Generation(
         id=new_id("gen"), tenant_id=tenant_id, spec=spec.model_dump(mode="json"), status=JobStatus.queued
     )
