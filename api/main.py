@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api import openapi_examples
 from api.routes import (
     artifacts,
     catalog,
@@ -22,11 +23,13 @@ from api.routes import (
     health,
     images,
     jobs,
+    metrics,
     webhooks,
 )
 from core.config import get_settings
 from core.db import upgrade
 from core.errors import ApiError
+from core.logs import adopt_loggers
 
 log = logging.getLogger(__name__)
 PROBLEM = "application/problem+json"
@@ -109,6 +112,8 @@ def install_error_handlers(app: FastAPI) -> None:
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # A bad DSN or bucket stops the process here, before it accepts a request.
     settings = get_settings()
+    # uvicorn installed its own text handlers after the CLI configured logging: route them to ours.
+    adopt_loggers()
     upgrade(settings.database_url)
     yield
 
@@ -127,6 +132,8 @@ def create_app(*, migrate: bool = True) -> FastAPI:
         images,
         files,
         dashboard,
+        metrics,
     ):
         app.include_router(module.router)
+    openapi_examples.install(app)
     return app

@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from cli.parsers import add_connection_options, add_http_commands
+from core.logs import configure_logging, log_level
+
+# Long-running roles log JSON lines for a log collector; the interactive commands log text for people.
+SERVER_ROLES = ("serve", "worker", "beat")
 
 
 def _keys_create(args: argparse.Namespace) -> int:
@@ -33,6 +38,11 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
+    if args.metrics_port:
+        # First: prometheus_client must be imported after its multiprocess folder is set.
+        from worker.metrics import serve_worker_metrics
+
+        serve_worker_metrics(port=args.metrics_port)
     from cli.server import run_worker
 
     run_worker(
@@ -40,7 +50,7 @@ def _worker(args: argparse.Namespace) -> int:
         concurrency=args.concurrency,
         max_tasks_per_child=args.max_tasks_per_child or None,
         beat=args.beat,
-        loglevel=args.loglevel,
+        loglevel=logging.getLevelName(log_level(args.loglevel)),
     )
     return 0
 
@@ -48,7 +58,7 @@ def _worker(args: argparse.Namespace) -> int:
 def _beat(args: argparse.Namespace) -> int:
     from cli.server import run_beat
 
-    run_beat(loglevel=args.loglevel)
+    run_beat(loglevel=logging.getLevelName(log_level(args.loglevel)))
     return 0
 
 
@@ -75,11 +85,17 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--concurrency", type=int, default=1, help="one per GPU")
     worker.add_argument("--max-tasks-per-child", type=int, default=1, help="0: keep children (generate)")
     worker.add_argument("--beat", action="store_true", help="also run the reaper schedule in this process")
-    worker.add_argument("--loglevel", default="INFO")
+    worker.add_argument("--loglevel", help="default: env ATELIER_LOG_LEVEL, else INFO")
+    worker.add_argument(
+        "--metrics-port",
+        type=int,
+        default=os.environ.get("ATELIER_METRICS_PORT", 0),  # a string is converted (and checked) by type
+        help="serve GPU memory metrics for Prometheus on this port (env ATELIER_METRICS_PORT; 0: off)",
+    )
     worker.set_defaults(func=_worker)
 
     beat = sub.add_parser("beat", help="run the reaper schedule")
-    beat.add_argument("--loglevel", default="INFO")
+    beat.add_argument("--loglevel", help="default: env ATELIER_LOG_LEVEL, else INFO")
     beat.set_defaults(func=_beat)
 
     keys = sub.add_parser("keys", help="API keys")
@@ -96,9 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll drowns the progress bar
     args = build_parser().parse_args(argv)
+    try:
+        # ATELIER_LOG_FORMAT / ATELIER_LOG_LEVEL override these defaults (core/logs.py).
+        configure_logging(default_format="json" if args.command in SERVER_ROLES else "text")
+    except ValueError as exc:
+        print(f"atelier: {exc}", file=sys.stderr)
+        return 2
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll drowns the progress bar
     return int(args.func(args) or 0)
 
 

@@ -6,6 +6,7 @@ outside world (lease renewal, cancel, checkpoints, samples) goes through `JobHoo
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import io
 import json
@@ -20,6 +21,7 @@ from typing import Any
 from core import jobs
 from core.config import Settings
 from core.db import session_scope
+from core.logs import log_context
 from core.models import Dataset, Job, JobStatus
 from core.storage import ObjectNotFound, Storage, download_prefix, upload_dir
 
@@ -45,6 +47,8 @@ class Heartbeat(threading.Thread):
     def __init__(self, *, settings: Settings, job_id: str, attempt: int) -> None:
         super().__init__(name=f"heartbeat-{job_id}", daemon=True)
         self.settings, self.job_id, self.attempt = settings, job_id, attempt
+        # A thread starts with an empty context: carry the creator's, so its logs name the job too.
+        self._context = contextvars.copy_context()
         self.progress: dict[str, Any] = {}
         self.stop_reason: str | None = None
         self._done = threading.Event()
@@ -68,6 +72,9 @@ class Heartbeat(threading.Thread):
             log.warning("heartbeat for job %s failed; retrying", self.job_id, exc_info=True)
 
     def run(self) -> None:
+        self._context.run(self._beat_until_stopped)
+
+    def _beat_until_stopped(self) -> None:
         while not self._done.wait(self.settings.heartbeat_s):
             self.beat()
 
@@ -200,17 +207,27 @@ def run_training_job(*, job_id: str, settings: Settings, storage: Storage, worke
         assert job is not None
         dataset = session.get(Dataset, job.dataset_id)
         assert dataset is not None
-    heartbeat = Heartbeat(settings=settings, job_id=job_id, attempt=attempt)
-    heartbeat.start()
-    workdir = Path(tempfile.mkdtemp(prefix=f"atelier-{job_id}-"))
-    try:
-        hooks = JobHooks(
-            settings=settings, storage=storage, job=job, attempt=attempt, heartbeat=heartbeat, workdir=workdir
-        )
-        return _attempt(settings, storage, job, dataset, attempt, hooks, workdir)
-    finally:
-        heartbeat.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+    # Every record logged during the attempt, by any logger in this thread, carries these fields.
+    with log_context(job_id=job_id, attempt=attempt):
+        log.info("job %s attempt %s started", job_id, attempt, extra={"method": job.method})
+        heartbeat = Heartbeat(settings=settings, job_id=job_id, attempt=attempt)
+        heartbeat.start()
+        workdir = Path(tempfile.mkdtemp(prefix=f"atelier-{job_id}-"))
+        try:
+            hooks = JobHooks(
+                settings=settings,
+                storage=storage,
+                job=job,
+                attempt=attempt,
+                heartbeat=heartbeat,
+                workdir=workdir,
+            )
+            outcome = _attempt(settings, storage, job, dataset, attempt, hooks, workdir)
+            log.info("job %s attempt %s ended: %s", job_id, attempt, outcome)
+            return outcome
+        finally:
+            heartbeat.stop()
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _attempt(

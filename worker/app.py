@@ -9,10 +9,11 @@ import functools
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import setup_logging, worker_process_init
 
 from core.config import Settings, get_settings
 from core.db import forget_engines
+from core.logs import configure_logging
 
 TRAIN_QUEUE = "train"
 GENERATE_QUEUE = "generate"
@@ -104,3 +105,10 @@ def send_webhook(delivery_id: str, countdown: float | None = None) -> None:
 def _fresh_connections(**_: object) -> None:
     # A forked pool child must open its own database connections, not share the parent's sockets.
     forget_engines()
+
+
+@setup_logging.connect
+def _configure_logging(loglevel: int | str | None = None, **_: object) -> None:
+    # A receiver here keeps Celery from installing its own handlers: workers and beat log structured
+    # lines like the API (ATELIER_LOG_FORMAT, json by default), at the --loglevel they were given.
+    configure_logging(default_format="json", level=loglevel)
