@@ -47,7 +47,8 @@ def run_api(*, host: str, port: int, with_worker: bool) -> None:
         )
         log.info("embedded workers started, log %s", log_file)
     try:
-        uvicorn.run(create_app(), host=host, port=port, log_level="info")
+        # log_config=None: uvicorn keeps the JSON logging configured at startup (core/logs.py).
+        uvicorn.run(create_app(), host=host, port=port, log_level="info", log_config=None)
     finally:
         _stop(children)
 

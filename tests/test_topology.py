@@ -32,13 +32,20 @@ from packaging.requirements import Requirement
 from cli.client import AtelierClient
 from cli.demo import make_dataset_zip
 from cli.main import build_parser
+from core import logs
 from core.config import Settings
 from tests.service_stack import Stack
+from worker import metrics as worker_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 ATELIER_SERVICES = {"api", "worker-train", "worker-generate", "beat"}
 SERVICES = ATELIER_SERVICES | {"postgres", "redis", "minio", "minio-init"}
-SETTINGS_ENV = {f"ATELIER_{name.upper()}" for name in Settings.model_fields}
+# Settings fields, plus the per-process switches read before Settings exist (logging, worker metrics).
+SETTINGS_ENV = {f"ATELIER_{name.upper()}" for name in Settings.model_fields} | {
+    logs.FORMAT_ENV,
+    logs.LEVEL_ENV,
+    worker_metrics.PORT_ENV,
+}
 # What the plain Dockerfile installs beyond pyproject's dependencies: kombu's Redis transport
 # imports `packaging`, which only celery's `redis` extra brings.
 API_IMAGE_EXTRAS = ["celery[redis]"]
