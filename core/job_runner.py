@@ -286,7 +286,7 @@ def _train_and_store(
 ) -> jobs.ArtifactRecord:
     import torch
 
-    from core.artifacts import write_manifest
+    from core.artifacts import verify_manifest
     from core.base_loader import load_base
     from core.datasets import load_items
     from core.devices import pick_device
@@ -316,21 +316,9 @@ def _train_and_store(
         device=device,
         name=f"atelier-{job.id}",
     )
+    # The loop writes the manifest last; no manifest means no artifact (verify raises then).
     manifest_path = result.artifact_dir / "manifest.json"
-    if not manifest_path.exists():
-        write_manifest(
-            result.artifact_dir,
-            method=spec.params.method,
-            base_model=spec.base_model,
-            base_family=base.family,
-            params=spec.params.model_dump(mode="json"),
-            training=spec.training.model_dump(mode="json"),
-            metrics={
-                "steps": result.steps,
-                "final_loss": result.final_loss,
-                "images_per_s": result.images_per_s,
-            },
-        )
+    verify_manifest(result.artifact_dir)
     manifest_bytes = manifest_path.read_bytes()
     # The manifest goes last: a reader that finds it knows every file it names is complete.
     staged = workdir / "upload"

@@ -51,7 +51,7 @@ def exported(result: TrainResult, format: str) -> Path:
     manifest = verify_manifest(result.artifact_dir)  # the export is hashed like every other file
     assert not manifest.get("export_errors"), manifest["export_errors"]
     files = manifest["exports"][format]
-    assert len(files) == 1 and f"{files[0]}" in result.files
+    assert len(files) == 1 and result.exports[format] == files
     return result.artifact_dir / files[0]
 
 
