@@ -15,6 +15,7 @@ from celery import shared_task
 from core import jobs, webhook_delivery
 from core.config import get_settings
 from core.db import session_scope
+from core.logs import log_context
 from core.storage import make_storage
 from worker.app import (
     GENERATE_TASK,
@@ -48,7 +49,9 @@ def generate(generation_id: str) -> str | None:
     from core.inference import run_generation
 
     settings = get_settings()
-    return run_generation(generation_id=generation_id, settings=settings, storage=make_storage(settings))
+    # Every record logged while generating carries the generation's id (as training's carry job_id).
+    with log_context(generation_id=generation_id):
+        return run_generation(generation_id=generation_id, settings=settings, storage=make_storage(settings))
 
 
 @shared_task(name=REAP_TASK, acks_late=True)
