@@ -114,8 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        # ATELIER_LOG_FORMAT / ATELIER_LOG_LEVEL override these defaults (core/logs.py).
-        configure_logging(default_format="json" if args.command in SERVER_ROLES else "text")
+        # ATELIER_LOG_FORMAT / ATELIER_LOG_LEVEL override these defaults (core/logs.py). Interactive
+        # commands print their own output; library INFO lines (migrations, loaders) would bury it.
+        server = args.command in SERVER_ROLES
+        quiet = None if server or os.environ.get("ATELIER_LOG_LEVEL") else "WARNING"
+        configure_logging(default_format="json" if server else "text", level=quiet)
     except ValueError as exc:
         print(f"atelier: {exc}", file=sys.stderr)
         return 2
