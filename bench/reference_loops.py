@@ -45,7 +45,7 @@ from bench.workload import (
     to_unit_pixels,
 )
 from core.training.caching import encode_text, tokenize
-from core.training.loop import Precision, resolve_precision
+from core.training.optim import Precision, resolve_precision
 
 ENCODERS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
 PRIOR_LOSS_WEIGHT = 1.0

@@ -441,3 +441,49 @@ def test_gradient_checkpointing_trains_the_same_weights(tiny_cache: Path, tmp_pa
     assert weights[0].keys() == weights[1].keys()
     for key, tensor in weights[0].items():
         torch.testing.assert_close(weights[1][key], tensor, rtol=1e-5, atol=1e-6, msg=key)
+
+
+# --- optimizers ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["adamw", "adafactor"])
+def test_each_optimizer_trains_the_adapter(tiny_cache: Path, tmp_path: Path, name: str) -> None:
+    base = load_tiny(tiny_cache)
+    before = {k: v.clone() for k, v in base.unet.state_dict().items()}
+    spec = JobSpec(
+        base_model="tiny-sd",
+        dataset_id="ds",
+        params={"method": "lora", "rank": 2},
+        training={"max_steps": 2, "batch_size": 2, "learning_rate": 1e-2, "optimizer": name},
+    )
+    result = train(
+        spec=spec, base=base, items=items_for_loop(), workdir=tmp_path, hooks=NullHooks(), device=CPU
+    )
+    assert math.isfinite(result.final_loss)
+    lora_b = [v for k, v in base.unet.state_dict().items() if "lora_B" in k]
+    assert lora_b and any(v.abs().sum() > 0 for v in lora_b)  # gaussian init starts B at zero
+    # Frozen base weights never move, whatever the optimizer (peft keeps them as `base_layer`).
+    after = {k.replace(".base_layer.", "."): v for k, v in base.unet.state_dict().items() if "lora_" not in k}
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_8bit_adamw_needs_cuda_and_bitsandbytes(tiny_cache: Path, tmp_path: Path) -> None:
+    from core.methods.base import MethodInputError
+
+    spec = JobSpec(
+        base_model="tiny-sd",
+        dataset_id="ds",
+        params={"method": "lora", "rank": 2},
+        training={"max_steps": 1, "optimizer": "adamw_8bit"},
+    )
+    with pytest.raises(MethodInputError) as raised:
+        train(
+            spec=spec,
+            base=load_tiny(tiny_cache),
+            items=items_for_loop(),
+            workdir=tmp_path,
+            hooks=NullHooks(),
+            device=CPU,
+        )
+    assert raised.value.code == "optimizer_unavailable"

@@ -25,7 +25,7 @@ from core.artifacts import write_manifest
 from core.base_models import architecture_of_folder
 from core.exports import ExportContext, write_exports
 from core.methods import get_method
-from core.methods.base import MethodInputError, Trainable
+from core.methods.base import Trainable
 from core.methods.params import JobSpec, TrainingParams
 from core.training import checkpoint
 from core.training.caching import (
@@ -35,6 +35,7 @@ from core.training.caching import (
     TrainingItem,
     build_training_data,
 )
+from core.training.optim import Precision, autocast, make_optimizer, resolve_precision
 from core.training.progress import TrainingHooks
 
 log = logging.getLogger(__name__)
@@ -51,28 +52,6 @@ class TrainResult:
     images_per_s: float
     loss_history: list[tuple[int, float]] = field(default_factory=list)
     exports: dict[str, list[str]] = field(default_factory=dict)  # format -> files under exports/
-
-
-@dataclass(frozen=True)
-class Precision:
-    weight_dtype: torch.dtype  # frozen weights; trainable parameters are always fp32
-    autocast_dtype: torch.dtype | None
-
-    @property
-    def grad_scaler(self) -> bool:
-        # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
-        return self.autocast_dtype == torch.float16
-
-
-def resolve_precision(mode: str, device: torch.device) -> Precision:
-    if device.type != "cuda":
-        if mode in ("fp16", "bf16"):
-            log.info("mixed precision %s ignored on %s: training in fp32", mode, device)
-        return Precision(torch.float32, None)
-    if mode == "auto":
-        mode = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    dtype = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[mode]
-    return Precision(dtype or torch.float32, dtype)
 
 
 def _prepare_models(
@@ -110,47 +89,6 @@ def _freeze(base: Any) -> None:
             module.requires_grad_(False)
 
 
-def _optimizer(
-    params: list[torch.nn.Parameter], training: TrainingParams, device: torch.device
-) -> tuple[torch.optim.Optimizer, Any]:
-    from diffusers.optimization import get_scheduler
-
-    if not params:
-        raise ValueError("the method marked no parameters as trainable")
-    optimizer = _make_optimizer(training.optimizer, params, training.learning_rate, device)
-    lr_scheduler = get_scheduler(
-        training.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=training.warmup_steps,
-        num_training_steps=training.max_steps,
-    )
-    return optimizer, lr_scheduler
-
-
-def _make_optimizer(
-    name: str, params: list[torch.nn.Parameter], lr: float, device: torch.device
-) -> torch.optim.Optimizer:
-    if name == "adamw_8bit":
-        # 8-bit moments: a quarter of AdamW's optimizer memory, what full fine-tunes need on 24 GB.
-        try:
-            import bitsandbytes as bnb  # type: ignore[import-not-found]
-        except ImportError:
-            raise MethodInputError(
-                "optimizer_unavailable",
-                "optimizer adamw_8bit needs bitsandbytes, not installed on this worker",
-            ) from None
-        if device.type != "cuda":
-            raise MethodInputError("optimizer_unavailable", "optimizer adamw_8bit needs a CUDA device")
-        return bnb.optim.AdamW8bit(params, lr=lr)
-    if name == "adafactor":
-        # Factored second moments (row + column) instead of a full copy of every weight.
-        from transformers.optimization import Adafactor
-
-        return Adafactor(params, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False)
-    # Fused AdamW: one kernel for all parameters instead of a loop over them (CUDA and CPU alike).
-    return torch.optim.AdamW(params, lr=lr, fused=device.type in ("cuda", "cpu"))
-
-
 @dataclass
 class _Run:
     """Everything one step needs, built once by `train`."""
@@ -172,7 +110,7 @@ class _Run:
         return self.spec.training
 
     def autocast(self) -> torch.autocast:
-        return _autocast(self.device, self.precision)
+        return autocast(self.device, self.precision)
 
 
 def _optimizer_step(run: _Run, step: int, params: list[torch.nn.Parameter]) -> tuple[torch.Tensor, int]:
@@ -317,11 +255,6 @@ def _loop(run: _Run, start: int) -> tuple[float, float, list[tuple[int, float]]]
     return last_loss, meter.overall_rate(), history
 
 
-def _autocast(device: torch.device, precision: Precision) -> torch.autocast:
-    dtype = precision.autocast_dtype
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-
-
 def _cache(
     base: Any,
     trainable: Trainable,
@@ -370,7 +303,7 @@ def train(
     _freeze(base)
     trainable = method.build(base, spec.params, training, device=device)
     _prepare_models(base, trainable, device, precision, training)
-    with torch.no_grad(), _autocast(device, precision):
+    with torch.no_grad(), autocast(device, precision):
         # Methods may generate here (DreamBooth's class images) with the base as it is before training.
         training_set = trainable.training_items(items, resolution=resolution, hooks=hooks)
     # Outside autocast: the VAE encodes the cache in fp32.
@@ -380,7 +313,7 @@ def train(
     if training_set.prior:
         prior = _cache(base, trainable, training_set.prior, training, resolution, device, seed_offset=1)
         data = PairedData(data, prior)
-    optimizer, lr_scheduler = _optimizer(trainable.trainable_parameters(), training, device)
+    optimizer, lr_scheduler = make_optimizer(trainable.trainable_parameters(), training, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.grad_scaler)
     run = _Run(
         spec, trainable, data, optimizer, lr_scheduler, scaler, precision, device, hooks, workdir, resolution
