@@ -286,7 +286,7 @@ def _train_and_store(
 ) -> jobs.ArtifactRecord:
     import torch
 
-    from core.artifacts import verify_manifest
+    from core.artifacts import MANIFEST_NAME, read_manifest
     from core.base_loader import load_base
     from core.datasets import load_items
     from core.devices import pick_device
@@ -316,16 +316,16 @@ def _train_and_store(
         device=device,
         name=f"atelier-{job.id}",
     )
-    # The loop writes the manifest last; no manifest means no artifact (verify raises then).
-    manifest_path = result.artifact_dir / "manifest.json"
-    verify_manifest(result.artifact_dir)
+    # The loop hashed every file into the manifest it wrote last; no manifest means no artifact.
+    manifest = read_manifest(result.artifact_dir)
+    manifest_path = result.artifact_dir / MANIFEST_NAME
     manifest_bytes = manifest_path.read_bytes()
-    # The manifest goes last: a reader that finds it knows every file it names is complete.
-    staged = workdir / "upload"
-    shutil.copytree(result.artifact_dir, staged, ignore=shutil.ignore_patterns("manifest.json"))
-    upload_dir(storage, staged, prefix)
-    storage.put_bytes(f"{prefix}/manifest.json", manifest_bytes, content_type="application/json")
-    return jobs.ArtifactRecord(storage_prefix=prefix, manifest=json.loads(manifest_bytes))
+    # The manifest goes last: a reader that finds it knows every file it names is complete. Set
+    # aside rather than copying the artifact (gigabytes for DreamBooth) to leave it out.
+    manifest_path.unlink()
+    upload_dir(storage, result.artifact_dir, prefix)
+    storage.put_bytes(f"{prefix}/{MANIFEST_NAME}", manifest_bytes, content_type="application/json")
+    return jobs.ArtifactRecord(storage_prefix=prefix, manifest=manifest)
 
 
 def _finish(
