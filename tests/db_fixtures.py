@@ -23,11 +23,12 @@ import pytest
 from sqlalchemy import inspect, text
 from sqlalchemy.orm import Session
 
+from core import jobs
 from core.config import Settings, get_settings, reset_settings
 from core.db import get_engine, new_session, session_scope, upgrade
 from core.ids import new_id
 from core.methods.params import JobSpec, LoraParams, TrainingParams
-from core.models import Dataset, DatasetStatus
+from core.models import Dataset, DatasetStatus, JobStatus
 from core.tenants import NewKey, create_key
 
 if TYPE_CHECKING:
@@ -125,6 +126,22 @@ def insert_dataset(
     )
     session.commit()
     return dataset_id
+
+
+def succeed_with_artifact(database_url: str, job_id: str, *, prefix: str, manifest: dict) -> str:
+    """Run a queued job to success straight through core.jobs, as a worker would: the artifact id."""
+    with session_scope(database_url) as session:
+        attempt = jobs.claim(session=session, job_id=job_id, worker_id="w", lease_s=60)
+        assert attempt == 1
+        artifact_id = jobs.finish(
+            session=session,
+            job_id=job_id,
+            attempt=attempt,
+            status=JobStatus.succeeded,
+            artifact=jobs.ArtifactRecord(storage_prefix=prefix, manifest=manifest),
+        )
+    assert artifact_id is not None
+    return artifact_id
 
 
 def lora_spec(dataset_id: str, *, base_model: str = "tiny-sd", max_steps: int = 10) -> JobSpec:

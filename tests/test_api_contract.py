@@ -20,7 +20,7 @@ from core.config import Settings
 from core.db import session_scope
 from core.models import DatasetStatus, Job, JobStatus
 from core.storage import LocalStorage, make_storage
-from tests.db_fixtures import ApiTenant, SentTasks, make_api_tenant
+from tests.db_fixtures import ApiTenant, SentTasks, make_api_tenant, succeed_with_artifact
 
 PROBLEM_FIELDS = {"type", "title", "status", "detail", "code"}
 WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -93,22 +93,10 @@ def test_a_valid_key_is_accepted(api_client: TestClient, acme: ApiTenant) -> Non
 
 
 def _artifact_for(settings: Settings, job_id: str) -> str:
-    """Run the job to success straight through core.jobs, as a worker would."""
-    with session_scope(settings.database_url) as session:
-        attempt = jobs.claim(session=session, job_id=job_id, worker_id="w", lease_s=60)
-        assert attempt == 1
-        artifact_id = jobs.finish(
-            session=session,
-            job_id=job_id,
-            attempt=attempt,
-            status=JobStatus.succeeded,
-            artifact=jobs.ArtifactRecord(
-                storage_prefix=f"jobs/{job_id}/attempt-1",
-                manifest={"primary": WEIGHTS, "files": [{"name": WEIGHTS}]},
-            ),
-        )
-    assert artifact_id is not None
-    return artifact_id
+    manifest = {"primary": WEIGHTS, "files": [{"name": WEIGHTS}]}
+    return succeed_with_artifact(
+        settings.database_url, job_id, prefix=f"jobs/{job_id}/attempt-1", manifest=manifest
+    )
 
 
 def _masked(response: Response, ident: str) -> tuple[int, str, str]:

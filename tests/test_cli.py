@@ -39,7 +39,7 @@ from core.db import session_scope, upgrade
 from core.models import Generation, JobStatus
 from core.storage import make_storage
 from core.tenants import create_key
-from tests.db_fixtures import ApiTenant
+from tests.db_fixtures import ApiTenant, succeed_with_artifact
 from tests.service_stack import Stack
 
 WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -361,15 +361,8 @@ def _artifact(cli, tenant: ApiTenant, settings: Settings, tmp_path: Path) -> str
     storage = make_storage(settings)
     storage.put_bytes(f"{prefix}/{WEIGHTS}", b"weights")
     storage.put_bytes(f"{prefix}/manifest.json", b"{}")
-    with session_scope(settings.database_url) as session:
-        jobs.claim(session=session, job_id=job_id, worker_id="w", lease_s=60)
-        manifest = {"primary": WEIGHTS, "files": [{"name": WEIGHTS}]}
-        artifact = jobs.ArtifactRecord(storage_prefix=prefix, manifest=manifest)
-        artifact_id = jobs.finish(
-            session=session, job_id=job_id, attempt=1, status=JobStatus.succeeded, artifact=artifact
-        )
-    assert artifact_id is not None
-    return artifact_id
+    manifest = {"primary": WEIGHTS, "files": [{"name": WEIGHTS}]}
+    return succeed_with_artifact(settings.database_url, job_id, prefix=prefix, manifest=manifest)
 
 
 def test_download_an_artifact(cli, acme: ApiTenant, api_settings: Settings, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

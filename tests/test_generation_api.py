@@ -17,16 +17,13 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from core import jobs
 from core.artifacts import read_manifest
 from core.config import Settings
-from core.db import session_scope
 from core.generation_context import APPLY_ORDER
 from core.generation_images import ImageNotFound, image_key, load_image
 from core.inference_params import IMAGE_ID, GenerationSpec
-from core.models import JobStatus
 from core.storage import Storage, make_storage, upload_dir
-from tests.db_fixtures import ApiTenant, SentTasks
+from tests.db_fixtures import ApiTenant, SentTasks, succeed_with_artifact
 from tests.test_api_contract import assert_problem, job_body
 
 RED, BLUE = (220, 20, 20), (20, 20, 220)
@@ -88,18 +85,9 @@ def make_artifact(
     if files is not None:
         upload_dir(make_storage(settings), files, prefix)
         manifest = read_manifest(files)
-    with session_scope(settings.database_url) as session:
-        attempt = jobs.claim(session=session, job_id=job_id, worker_id="w", lease_s=60)
-        assert attempt == 1
-        artifact_id = jobs.finish(
-            session=session,
-            job_id=job_id,
-            attempt=attempt,
-            status=JobStatus.succeeded,
-            artifact=jobs.ArtifactRecord(storage_prefix=prefix, manifest=manifest or {"files": []}),
-        )
-    assert artifact_id is not None
-    return artifact_id
+    return succeed_with_artifact(
+        settings.database_url, job_id, prefix=prefix, manifest=manifest or {"files": []}
+    )
 
 
 @pytest.fixture
