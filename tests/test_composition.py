@@ -46,6 +46,7 @@ from tests.test_api_contract import assert_problem
 from tests.test_controlnet import Item
 from tests.test_generation_api import make_artifact, post, request
 from tests.test_ip_adapter import colour_items
+from tests.test_methods_e2e import PARAMS as TWO_STEP_PARAMS
 
 CPU = torch.device("cpu")
 MAGENTA = (255, 0, 255)
@@ -91,20 +92,9 @@ def train_artifact(
     ).artifact_dir
 
 
-# Two training steps of each method: enough to change the output, which is all the leak tests need.
-RECIPES: dict[str, dict[str, Any]] = {
-    "dreambooth": {
-        "instance_prompt": "a photo of sks",
-        "class_prompt": "a photo",
-        "num_class_images": 2,
-        "class_inference_steps": 2,
-    },
-    "textual_inversion": {"placeholder_token": "<sks>", "initializer_token": "magenta"},
-    "lora": {"rank": 4},
-    "hypernetwork": {"layer_structure": [1, 2, 1], "activation": "relu"},
-    "controlnet": {},
-    "ip_adapter": {},
-}
+# Two training steps of each method (the HTTP test's recipes, plus a LoRA): enough to change the
+# output, which is all the leak tests need.
+RECIPES: dict[str, dict[str, Any]] = {**TWO_STEP_PARAMS, "lora": {"rank": 4}}
 
 
 @pytest.fixture(scope="module")
