@@ -55,10 +55,6 @@ def log_context(**fields: Any) -> Iterator[None]:
         _context.reset(token)
 
 
-def current_log_context() -> Mapping[str, Any]:
-    return _context.get()
-
-
 class ContextFilter(logging.Filter):
     """Copies the bound fields onto each record. It sits on the handler, not on a logger, because a
     logger's filters see only records logged on that logger, not those propagated from its children."""
