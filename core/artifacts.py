@@ -97,6 +97,14 @@ def write_manifest(
     return manifest
 
 
+def primary_files(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """The manifest's file entries that make the artifact itself, leaving out the exports (other
+    tools' formats of the same weights, listed under `exports`): what generation reads and what a
+    `format=diffusers` download offers."""
+    exported = {name for names in (manifest.get("exports") or {}).values() for name in names}
+    return [entry for entry in manifest.get("files") or [] if entry.get("name") not in exported]
+
+
 def read_manifest(artifact_dir: Path) -> dict[str, Any]:
     path = artifact_dir / MANIFEST_NAME
     if not path.is_file():

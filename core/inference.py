@@ -24,7 +24,7 @@ import torch
 from PIL.PngImagePlugin import PngInfo
 from sqlalchemy import update
 
-from core.artifacts import ArtifactError, sha256_file
+from core.artifacts import ArtifactError, primary_files, sha256_file
 from core.config import Settings
 from core.db import session_scope
 from core.inference_params import GenerationSpec
@@ -34,7 +34,6 @@ from core.timeutil import utcnow
 
 log = logging.getLogger(__name__)
 MAX_PIPELINES = 2
-EXPORTS = "exports/"  # other tools' formats of the same weights: generation never reads them
 
 
 @dataclass
@@ -87,10 +86,8 @@ def content_key(manifest: dict[str, Any]) -> str | None:
     """sha256 over the (name, sha256) of the files generation reads: equal for artifacts with the
     same content, different as soon as one file differs. None for a manifest without hashes."""
     entries = []
-    for entry in manifest.get("files") or []:
+    for entry in primary_files(manifest):
         name, digest = str(entry.get("name", "")), entry.get("sha256")
-        if name.startswith(EXPORTS):
-            continue
         if not name or not isinstance(digest, str):
             return None
         entries.append([name, digest])
@@ -130,10 +127,8 @@ def artifact_dir(artifact: Artifact, storage: Storage, settings: Settings) -> Pa
 def _fetch_files(storage: Storage, prefix: str, manifest: dict[str, Any], folder: Path) -> None:
     """Download the files generation reads and check each against its manifest sha256."""
     root = folder.resolve()
-    for entry in manifest["files"]:
+    for entry in primary_files(manifest):
         name = str(entry["name"])
-        if name.startswith(EXPORTS):
-            continue
         path = (folder / name).resolve()
         if not path.is_relative_to(root) or path == root:  # a manifest is data, not a path to trust
             raise ArtifactError(f"manifest names a file outside the artifact: {name!r}")

@@ -12,6 +12,7 @@ from api.deps import SessionDep, StorageDep, TenantDep
 from api.pagination import page
 from api.routes.files import stream_file
 from api.schemas import ArtifactPublic, ArtifactsPublic
+from core.artifacts import primary_files
 from core.errors import ApiError, not_found
 from core.exports.formats import PRIMARY, UnknownFormat, resolve_format
 from core.models import Artifact
@@ -86,8 +87,7 @@ def _names(artifact: Artifact, format: str) -> list[str]:
     """The files of `format`: the primary files (and the manifest), or one export's files."""
     manifest = artifact.manifest
     if format == PRIMARY:
-        exported = {name for names in manifest.get("exports", {}).values() for name in names}
-        return [f["name"] for f in manifest.get("files", []) if f["name"] not in exported] + ["manifest.json"]
+        return [f["name"] for f in primary_files(manifest)] + ["manifest.json"]
     names = manifest.get("exports", {}).get(format)
     if not names:
         reason = manifest.get("export_errors", {}).get(format) or "it was made before this export existed"
