@@ -130,9 +130,7 @@ def test_dashboard_in_chromium(embedded_stack: Stack, tmp_path: Path) -> None:
             page.on(
                 "console",
                 lambda m: (
-                    errors.append(m.text)
-                    if m.type == "error" and "status of 401" not in m.text
-                    else None
+                    errors.append(m.text) if m.type == "error" and "status of 401" not in m.text else None
                 ),
             )
             _key_and_jobs_table(page, embedded_stack.base_url, key, job["id"], tmp_path)
