@@ -1,64 +1,22 @@
-"""Bases for the bench: a configured one by id, or SD1.5 / SDXL shapes with random weights.
+"""Bases for the bench and the real-size tests: a configured one by id, or the published SD1.5 /
+SD2.1 / SDXL architectures (core/architectures.py) with random weights.
 
-Throughput depends on shapes only, so the real-size bases are the published architectures with
-random weights, built on the device in seconds instead of downloaded.
+Throughput, memory and every shape-dependent code path depend on the architecture only, so a
+random-weight folder written once (in bf16, a few seconds per GB) stands in for a downloaded base and
+loads through the same `from_pretrained` code.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 import torch
 
-SD15_UNET = {
-    "sample_size": 64,
-    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
-    "block_out_channels": [320, 640, 1280, 1280],
-    "layers_per_block": 2,
-    "cross_attention_dim": 768,
-    "attention_head_dim": 8,
-}
-SDXL_UNET = {
-    "sample_size": 128,
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    "block_out_channels": [320, 640, 1280],
-    "layers_per_block": 2,
-    "transformer_layers_per_block": [1, 2, 10],
-    "attention_head_dim": [5, 10, 20],
-    "cross_attention_dim": 2048,
-    "use_linear_projection": True,
-    "addition_embed_type": "text_time",
-    "addition_time_embed_dim": 256,
-    "projection_class_embeddings_input_dim": 2816,
-}
-VAE = {
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "block_out_channels": [128, 256, 512, 512],
-    "layers_per_block": 2,
-    "latent_channels": 4,
-}
-CLIP_L = {
-    "hidden_size": 768,
-    "intermediate_size": 3072,
-    "num_hidden_layers": 12,
-    "num_attention_heads": 12,
-    "hidden_act": "quick_gelu",
-    "projection_dim": 768,
-}
-CLIP_G = {
-    "hidden_size": 1280,
-    "intermediate_size": 5120,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 20,
-    "hidden_act": "gelu",
-    "projection_dim": 1280,
-}
-CLIP_VOCAB = 49408
+from core.architectures import CLIP_VOCAB, KNOWN, Architecture
 
 
 def sized_tokenizer(folder: Path) -> Any:
@@ -80,44 +38,151 @@ def sized_tokenizer(folder: Path) -> Any:
     return tokenizer
 
 
-def sized_base(size: str, folder: Path, device: torch.device) -> Any:
-    """SD1.5 (`sd15`) or SDXL (`sdxl`) shapes, random weights, fp32 on `device`."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+SIZES = {"sd15": "sd15", "sd2": "sd21", "sdxl": "sdxl"}  # bench names -> core.architectures names
 
-    from core.base_loader import BaseModels
+
+def _special_tokens() -> dict[str, int]:
     from core.tiny.components import BOS_ID, EOS_ID
 
-    torch.manual_seed(0)
-    special = {
-        "vocab_size": CLIP_VOCAB,
-        "max_position_embeddings": 77,
-        "bos_token_id": BOS_ID,
-        "eos_token_id": EOS_ID,
-        "pad_token_id": EOS_ID,
-    }
-    sdxl = size == "sdxl"
-    with torch.device(device):  # initialise on the GPU: seconds instead of minutes on the host
-        unet = UNet2DConditionModel(**(SDXL_UNET if sdxl else SD15_UNET))
-        vae = AutoencoderKL(
-            **VAE, scaling_factor=0.13025 if sdxl else 0.18215, sample_size=1024 if sdxl else 512
-        )
-        text_encoder = CLIPTextModel(CLIPTextConfig(**CLIP_L, **special))
-        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_G, **special)) if sdxl else None
-    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
-    return BaseModels(
-        model_id=f"random-{size}",
-        family="sdxl" if sdxl else "sd",
-        path=folder,
-        tokenizer=sized_tokenizer(folder / "tokenizer"),
-        text_encoder=text_encoder,
-        # Its own instance: Textual Inversion adds its tokens to each tokenizer separately.
-        tokenizer_2=sized_tokenizer(folder / "tokenizer_2") if sdxl else None,
-        text_encoder_2=text_encoder_2,
-        vae=vae,
-        unet=unet,
-        noise_scheduler=scheduler,
+    return {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": EOS_ID}
+
+
+def _components(arch: Architecture) -> dict[str, torch.nn.Module]:
+    """Every model of `arch`, built from its config dicts on the meta device (no memory, no init)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
     )
+
+    with torch.device("meta"):
+        models: dict[str, torch.nn.Module] = {
+            "unet": UNet2DConditionModel(**arch.unet),
+            "vae": AutoencoderKL(**arch.vae, sample_size=arch.resolution),
+            "text_encoder": CLIPTextModel(CLIPTextConfig(**arch.text_encoders[0], **_special_tokens())),
+        }
+        if len(arch.text_encoders) > 1:
+            models["text_encoder_2"] = CLIPTextModelWithProjection(
+                CLIPTextConfig(**arch.text_encoders[1], **_special_tokens())
+            )
+        if arch.image_encoder is not None:
+            models["image_encoder"] = CLIPVisionModelWithProjection(CLIPVisionConfig(**arch.image_encoder))
+    return models
+
+
+@torch.no_grad()
+def random_weights(module: torch.nn.Module, dtype: torch.dtype, generator: torch.Generator) -> None:
+    """Give a meta-device model real tensors in `dtype`, initialised like torch's defaults (uniform
+    within 1/sqrt(fan_in)), norms at one, biases at zero, embeddings N(0, 0.02) as CLIP's. Filling
+    one low-precision tensor at a time keeps host memory at the model's size in `dtype`, where
+    building it normally would first allocate and initialise it all in fp32."""
+    norms = (torch.nn.GroupNorm, torch.nn.LayerNorm)
+    for sub in module.modules():
+        for name, param in list(sub._parameters.items()):
+            if param is None:
+                continue
+            tensor = torch.empty(param.shape, dtype=dtype)
+            if isinstance(sub, norms) and name == "weight":
+                tensor.fill_(1.0)
+            elif name == "bias" or isinstance(sub, norms):
+                tensor.zero_()
+            elif isinstance(sub, torch.nn.Embedding) or tensor.dim() < 2:
+                tensor.normal_(0.0, 0.02, generator=generator)
+            else:
+                bound = 1.0 / math.sqrt(tensor[0].numel())
+                tensor.uniform_(-bound, bound, generator=generator)
+            sub._parameters[name] = torch.nn.Parameter(tensor, requires_grad=param.requires_grad)
+        for name, buffer in list(sub._buffers.items()):
+            if buffer is not None and buffer.is_meta:
+                # Only non-persistent buffers (CLIP's position ids) exist here: not saved, rebuilt on load.
+                sub._buffers[name] = torch.zeros(buffer.shape, dtype=buffer.dtype)
+
+
+def _model_index(arch: Architecture) -> dict[str, Any]:
+    common = {
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+    }
+    if arch.family == "sdxl":
+        return {
+            "_class_name": "StableDiffusionXLPipeline",
+            **common,
+            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+            "tokenizer_2": ["transformers", "CLIPTokenizer"],
+            "force_zeros_for_empty_prompt": True,
+        }
+    return {
+        "_class_name": "StableDiffusionPipeline",
+        **common,
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+    }
+
+
+def write_sized_base(size: str, folder: Path, dtype: torch.dtype = torch.bfloat16) -> dict[str, Any]:
+    """A complete diffusers folder of the published `size` architecture (sd15, sd2, sdxl) with random
+    weights stored in `dtype`, plus an IP-Adapter image encoder (OpenCLIP ViT-H) in `image_encoder/`.
+    Loads with the same `from_pretrained` code as a downloaded base."""
+    from diffusers import DDIMScheduler
+
+    arch = KNOWN[SIZES[size]]
+    generator = torch.Generator().manual_seed(0)
+    params = {}
+    models = _components(arch)
+    for name in list(models):
+        model = models.pop(name)  # one component in memory at a time
+        random_weights(model, dtype, generator)
+        model.save_pretrained(folder / name, safe_serialization=True)
+        params[name] = sum(p.numel() for p in model.parameters())
+        del model
+    DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=arch.prediction_type,
+    ).save_pretrained(folder / "scheduler")
+    sized_tokenizer(folder / "tokenizer")
+    if arch.family == "sdxl":
+        sized_tokenizer(folder / "tokenizer_2")
+    (folder / "model_index.json").write_text(json.dumps(_model_index(arch), indent=2))
+    return {"parameters": params}
+
+
+def sized_recipe(size: str) -> str:
+    """Changes whenever the architecture or this builder does, so cached folders are rebuilt."""
+    digest = hashlib.sha256(json.dumps(KNOWN[SIZES[size]].__dict__, sort_keys=True, default=str).encode())
+    digest.update(Path(__file__).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def ensure_sized_base(size: str, cache: Path) -> Path:
+    """The folder of a random-weight `size` base under `cache`, written once (atomically) per recipe."""
+    from core.base_loader import _materialise
+
+    marker = {"source": f"sized:{size}", "recipe": sized_recipe(size)}
+    return _materialise(cache / f"random-{size}", marker, lambda folder: write_sized_base(size, folder))
+
+
+def sized_base(size: str, folder: Path, device: torch.device) -> Any:
+    """SD1.5 (`sd15`), SD2.1 (`sd2`) or SDXL (`sdxl`) shapes, random weights, fp32 on `device`,
+    written under `folder` once and loaded through `core.base_loader.load_base` as any base is."""
+    from core.base_loader import load_base
+    from core.config import Settings
+
+    path = ensure_sized_base(size, folder)
+    model_id = f"random-{size}"
+    settings = Settings(base_models={model_id: str(path)}, model_cache=folder)
+    return load_base(model_id, settings=settings, device=device)
 
 
 def load_named_base(model_id: str) -> Any:

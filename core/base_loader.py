@@ -13,7 +13,7 @@ import logging
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,18 +201,21 @@ def load_base(
     *,
     settings: Any,
     device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | Mapping[str, torch.dtype] = torch.float32,
     fetch_prefix: FetchPrefix | None = None,
 ) -> BaseModels:
-    """Every component of the base, separately, for training."""
+    """Every component of the base, separately, for training. `dtype` is one dtype for all, or one
+    per component name (`unet`, `vae`, `text_encoder`, `text_encoder_2`; missing names: fp32), so
+    frozen components load straight into bf16 instead of passing through an fp32 copy."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     path = ensure_local(model_id, settings=settings, fetch_prefix=fetch_prefix)
     family = describe_folder(path)[0] or "sd"
 
-    def model(cls: Any, subfolder: str, **dtype_arg: Any) -> Any:
-        return cls.from_pretrained(path, subfolder=subfolder, **dtype_arg).to(device)
+    def model(cls: Any, subfolder: str, dtype_arg: str) -> Any:
+        wanted = dtype.get(subfolder, torch.float32) if isinstance(dtype, Mapping) else dtype
+        return cls.from_pretrained(path, subfolder=subfolder, **{dtype_arg: wanted}).to(device)
 
     sdxl = family == "sdxl"
     return BaseModels(
@@ -220,11 +223,11 @@ def load_base(
         family=family,
         path=path,
         tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
-        text_encoder=model(CLIPTextModel, "text_encoder", dtype=dtype),
+        text_encoder=model(CLIPTextModel, "text_encoder", "dtype"),
         tokenizer_2=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2") if sdxl else None,
-        text_encoder_2=model(CLIPTextModelWithProjection, "text_encoder_2", dtype=dtype) if sdxl else None,
-        vae=model(AutoencoderKL, "vae", torch_dtype=dtype),
-        unet=model(UNet2DConditionModel, "unet", torch_dtype=dtype),
+        text_encoder_2=model(CLIPTextModelWithProjection, "text_encoder_2", "dtype") if sdxl else None,
+        vae=model(AutoencoderKL, "vae", "torch_dtype"),
+        unet=model(UNet2DConditionModel, "unet", "torch_dtype"),
         # Whatever sampler the folder ships (DDIM, PNDM, Euler), training adds noise the DDPM way
         # with the same betas and prediction type.
         noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler"),

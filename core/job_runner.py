@@ -284,7 +284,6 @@ def _train_and_store(
     workdir: Path,
     prefix: str,
 ) -> jobs.ArtifactRecord:
-    import torch
 
     from core.artifacts import MANIFEST_NAME, read_manifest
     from core.base_loader import load_base
@@ -292,19 +291,22 @@ def _train_and_store(
     from core.devices import pick_device
     from core.methods.params import JobSpec
     from core.training.loop import train
+    from core.training.optim import component_dtypes, resolve_precision
 
     spec = JobSpec.model_validate(job.spec)
     items = load_items(storage=storage, dataset_prefix=dataset.storage_prefix)
     if not items:
         raise PermanentJobError("dataset_empty", f"dataset {dataset.id} has no images")
     device, _ = pick_device(settings)
-    # Loaded in fp32: the loop itself casts frozen weights to the low-precision dtype and keeps
-    # trainable ones in fp32 (full fine-tunes must not start from bf16 copies).
+    # Frozen components load straight into the training's low-precision dtype (an fp32 SDXL would
+    # need 14 GB on the device first); trained ones in fp32, so full fine-tunes never start from
+    # bf16 copies.
+    precision = resolve_precision(spec.training.mixed_precision, device)
     base = load_base(
         spec.base_model,
         settings=settings,
         device=device,
-        dtype=torch.float32,
+        dtype=component_dtypes(spec.params, precision),
         fetch_prefix=functools.partial(download_prefix, storage),
     )
     result = train(

@@ -22,10 +22,19 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
+TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2")
+
+
 class MethodParamsBase(StrictModel):
     def dataset_problems(self, report: dict[str, Any]) -> list[str]:
         """What the dataset (its validation report) lacks for this method; empty when it fits."""
         return []
+
+    def trained_components(self) -> frozenset[str]:
+        """Base components whose own weights train, or seed weights that train (ControlNet copies
+        the UNet): these load and stay in fp32; every other component loads directly in the
+        training's low-precision dtype. The memory planner reads the same answer."""
+        return frozenset()
 
 
 class LoraParams(MethodParamsBase):
@@ -74,6 +83,9 @@ class DreamBoothParams(MethodParamsBase):
         if self.class_prompt is not None and self.class_prompt.strip() == self.instance_prompt.strip():
             raise ValueError("class_prompt must differ from instance_prompt (it has no identifier)")
         return self
+
+    def trained_components(self) -> frozenset[str]:
+        return frozenset({"unet", *(TEXT_ENCODER_NAMES if self.train_text_encoder else ())})
 
 
 class TextualInversionParams(MethodParamsBase):
@@ -158,6 +170,9 @@ class ControlNetParams(MethodParamsBase):
         if self.canny_low_threshold > self.canny_high_threshold:
             raise ValueError("canny_low_threshold must not exceed canny_high_threshold")
         return self
+
+    def trained_components(self) -> frozenset[str]:
+        return frozenset({"unet"})  # from_unet copies its weights: a bf16 copy would round them
 
     def dataset_problems(self, report: dict[str, Any]) -> list[str]:
         if self.conditioning != "provided":

@@ -66,9 +66,11 @@ def _prepare_models(
         module = getattr(base, name)
         if module is None:
             continue
-        module.to(device)
+        # Cast where the weights are, then move: never a full-precision copy of a frozen model on
+        # the device (base components usually arrive in their dtypes already; see component_dtypes).
         for param in module.parameters():
             param.data = param.data.to(torch.float32 if param.requires_grad else precision.weight_dtype)
+        module.to(device)
     if device.type == "cuda":
         base.unet.to(memory_format=torch.channels_last)  # NHWC convs are faster under bf16/fp16
     if training.gradient_checkpointing:

@@ -28,13 +28,27 @@ class Precision:
 
 def resolve_precision(mode: str, device: torch.device) -> Precision:
     if device.type != "cuda":
-        if mode in ("fp16", "bf16"):
-            log.info("mixed precision %s ignored on %s: training in fp32", mode, device)
+        # CPU autocast runs bf16 (native on AVX512-BF16/AMX hosts); fp16 has no CPU path worth having.
+        # "auto" stays fp32 on the CPU: exact, and what the tiny bases' tests expect.
+        if mode == "bf16":
+            return Precision(torch.bfloat16, torch.bfloat16)
+        if mode == "fp16":
+            log.info("mixed precision fp16 ignored on %s: training in fp32", device)
         return Precision(torch.float32, None)
     if mode == "auto":
         mode = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     dtype = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[mode]
     return Precision(dtype or torch.float32, dtype)
+
+
+def component_dtypes(params: Any, precision: Precision) -> dict[str, torch.dtype]:
+    """The dtype each base component loads in: frozen ones directly in the low-precision dtype (no
+    fp32 copy ever reaches the device), trained ones in fp32, the VAE in fp32 (it encodes the cache)."""
+    trained = params.trained_components()
+    names = ("unet", "text_encoder", "text_encoder_2")
+    return {"vae": torch.float32} | {
+        name: torch.float32 if name in trained else precision.weight_dtype for name in names
+    }
 
 
 def make_optimizer(
