@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 import torch
+from diffusers import StableDiffusionXLPipeline
+from diffusers.utils import convert_unet_state_dict_to_peft
 from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -98,6 +100,9 @@ LORA_CASES = {
         frozenset({"lora_unet", "lora_te"}),
         {"lora_unet": 2.0, "lora_te": 1.0},  # alpha·te_rank/rank
     ),
+    "sdxl_conv": LoraCase(
+        "tiny-sdxl", {"targets": "attention+conv+ff"}, frozenset({"lora_unet"}), {"lora_unet": 2.0}
+    ),
     "sdxl_te": LoraCase(
         "tiny-sdxl",
         {"train_text_encoder": True, "text_encoder_rank": 8},
@@ -140,8 +145,17 @@ def lora_layers(pipe: Any) -> dict[str, tuple[dict[str, torch.Tensor], float]]:
     return out
 
 
+def sdxl_unet_read_back(tensors: dict[str, torch.Tensor], base: Any) -> dict[str, torch.Tensor]:
+    """The file's UNet tensors under the PEFT names diffusers' own kohya loader gives them: for SDXL
+    that loader, not our code, decides which module a Stability name means."""
+    converted, _ = StableDiffusionXLPipeline.lora_state_dict(dict(tensors), unet_config=base.unet.config)
+    unet = {k.removeprefix("unet."): v for k, v in converted.items() if k.startswith("unet.")}
+    return {f"unet.{k}": v for k, v in convert_unet_state_dict_to_peft(unet).items()}
+
+
 def test_kohya_keys_alphas_and_tensors(lora_run: Any) -> None:
-    case, _, result = lora_run
+    case, base, result = lora_run
+    sdxl = case.model_id == "tiny-sdxl"
     kohya = export_of(result, "kohya")
     assert kohya.name == f"{NAME}.safetensors"
     tensors, _ = read(kohya)
@@ -154,20 +168,44 @@ def test_kohya_keys_alphas_and_tensors(lora_run: Any) -> None:
         assert {f"{module}.lora_down.weight", f"{module}.lora_up.weight", f"{module}.alpha"} <= set(tensors)
         alpha = tensors[f"{module}.alpha"]
         assert alpha.dim() == 0 and alpha.item() == case.alphas[prefix_of(module)], module
-    # Every primary tensor, bit for bit, under its kohya name (4-D conv shapes included).
+    # kohya trains SDXL on Stability's UNet layout, SD1/2 on diffusers' (tests/test_exports_lora_sdxl.py).
+    unet_blocks = (
+        ("input_blocks_", "middle_block_", "output_blocks_")
+        if sdxl
+        else ("down_blocks_", "mid_block_", "up_blocks_")
+    )
+    assert all(
+        m.removeprefix("lora_unet_").startswith(unet_blocks) for m in modules if m.startswith("lora_unet_")
+    )
+    if sdxl:
+        unet = sdxl_unet_read_back(tensors, base)
+        assert unet.keys() == {k for k in primary if k.startswith("unet.")}
+        assert all(torch.equal(t, primary[k]) for k, t in unet.items())
+    # Every other primary tensor, bit for bit, under its kohya name (4-D conv shapes included).
     for key, tensor in primary.items():
         component, rest = key.split(".", 1)
+        if sdxl and component == "unet":
+            continue
         path, _, suffix = rest.rpartition(".")[0].rpartition(".")
         prefix = {"unet": "lora_unet", "text_encoder_2": "lora_te2"}.get(
-            component, "lora_te1" if case.model_id == "tiny-sdxl" else "lora_te"
+            component, "lora_te1" if sdxl else "lora_te"
         )
         if component != "unet" and not path.startswith("text_model."):
             path = f"text_model.{path}"  # transformers 5 dropped it from CLIPTextModel; tools expect it
         kohya_key = f"{prefix}_{path.replace('.', '_')}.lora_{'down' if suffix == 'lora_A' else 'up'}.weight"
         assert torch.equal(tensors[kohya_key], tensor), key
+    if sdxl:  # the tiny UNet: one layer per level, attention at level 1 and in the middle
+        assert "lora_unet_input_blocks_3_1_transformer_blocks_0_attn1_to_q.lora_down.weight" in tensors
+        assert "lora_unet_middle_block_1_transformer_blocks_0_attn2_to_out_0.lora_up.weight" in tensors
+        assert "lora_unet_output_blocks_1_1_transformer_blocks_0_attn2_to_k.lora_down.weight" in tensors
     if "targets" in case.params:
         assert any(t.dim() == 4 and t.shape[2:] == (3, 3) for t in tensors.values())
-        assert "lora_unet_down_blocks_1_resnets_0_conv_shortcut.lora_down.weight" in tensors
+        shortcut = "input_blocks_3_0_skip_connection" if sdxl else "down_blocks_1_resnets_0_conv_shortcut"
+        assert f"lora_unet_{shortcut}.lora_down.weight" in tensors
+    if sdxl and "targets" in case.params:
+        assert "lora_unet_output_blocks_2_0_in_layers_2.lora_down.weight" in tensors
+        assert "lora_unet_middle_block_2_out_layers_3.lora_up.weight" in tensors
+        assert "lora_unet_output_blocks_0_1_transformer_blocks_0_ff_net_0_proj.alpha" in tensors
 
 
 def test_kohya_file_loads_in_diffusers_as_the_primary_does(lora_run: Any) -> None:

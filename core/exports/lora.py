@@ -2,7 +2,21 @@
 
 Read from the primary `pytorch_lora_weights.safetensors` (PEFT keys): `unet.<path>.lora_A.weight`
 becomes `lora_unet_<path with "." → "_">.lora_down.weight`, `lora_B` becomes `lora_up`, and every
-module gets an `.alpha`. Three facts decide the details:
+module gets an `.alpha`. Four facts decide the details:
+- `<path>` is the module's path in the UNet kohya trains on, which differs by family
+  (kohya-ss/sd-scripts: `library/sdxl_train_util.py` turns a diffusers SDXL UNet into its
+  `SdxlUNet2DConditionModel` from `library/sdxl_original_unet.py`; `networks/lora.py` names each
+  module `lora_unet_` + its path). SD1/2 keep diffusers' paths; SDXL has Stability's, numbered as
+  in `ldm_layout.unet_table`: `lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`,
+  `lora_unet_middle_block_1_…`, `lora_unet_output_blocks_0_1_…`. A resnet's conv1 / conv2 /
+  conv_shortcut are `in_layers_2` / `out_layers_3` / `skip_connection` there; transformer internals
+  (proj_in/out, ff_net_0_proj, ff_net_2, attn1/2_to_q/k/v/out_0) keep diffusers' names. diffusers
+  reads these names back from the pipeline's UNet config (`_maybe_map_sgm_blocks_to_diffusers` in
+  `loaders/lora_conversion_utils.py`) but DROPS them when a file mixes both schemes, so a UNet
+  module without a Stability name fails the export rather than ship a file that loads partly.
+  ComfyUI (`comfy/lora.py`, `model_lora_keys_unet`) accepts both schemes; A1111
+  (`extensions-builtin/Lora/networks.py`) converts diffusers names with SD1's block arithmetic
+  only and looks SDXL files up under Stability's names.
 - `.alpha` is the alpha we TRAINED with, not the rank diffusers' `convert_state_dict_to_kohya`
   writes: loaders scale by alpha / rank, so alpha = rank applies an alpha-2 rank-4 LoRA at twice the
   strength it was trained at. Text encoders train at alpha·te_rank/rank (core/methods/lora.py).
@@ -28,6 +42,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save, save_file
 
+from core.exports.ldm_layout import renamed, unet_table
 from core.methods.lora import TEXT_ENCODERS, WEIGHT_NAME
 
 NETWORK_MODULE = "networks.lora"
@@ -137,7 +152,9 @@ def trained_alphas(params: Any, adapter_metadata: dict[str, Any]) -> dict[str, t
 
 
 def kohya_module(component: str, path: str, family: str) -> str:
-    """`unet` + `down_blocks.1.attentions.0.proj_in` → `lora_unet_down_blocks_1_attentions_0_proj_in`."""
+    """`unet` + `down_blocks.1.attentions.0.proj_in` → `lora_unet_down_blocks_1_attentions_0_proj_in`.
+
+    A UNet `path` must already be in the layout kohya trains the family on (see `sgm_unet_state`)."""
     if component == "unet":
         prefix = "lora_unet"
     else:
@@ -150,9 +167,28 @@ def kohya_module(component: str, path: str, family: str) -> str:
     return f"{prefix}_{path.replace('.', '_')}"
 
 
+def sgm_unet_state(state: dict[str, torch.Tensor], unet_config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """`state` with its `unet.` tensors under Stability's module names (`unet.input_blocks.4.1.…`),
+    the layout kohya trains SDXL on; other tensors pass unchanged. A UNet tensor without such a
+    name raises ValueError."""
+    if not unet_config.get("down_block_types"):
+        raise ValueError("the base has no UNet config: its Stability module names are unknown")
+    unet = {key.removeprefix("unet."): t for key, t in state.items() if key.startswith("unet.")}
+    others = {key: t for key, t in state.items() if not key.startswith("unet.")}
+    sgm = renamed(unet, unet_table(unet_config), "unet")
+    return others | {f"unet.{key}": t for key, t in sgm.items()}
+
+
 def kohya_tensors(
-    state: dict[str, torch.Tensor], alphas: dict[str, tuple[int, float]], family: str
+    state: dict[str, torch.Tensor],
+    alphas: dict[str, tuple[int, float]],
+    family: str,
+    *,
+    unet_config: dict[str, Any] | None = None,
 ) -> dict[str, torch.Tensor]:
+    """The primary file's PEFT tensors under kohya's names; an SDXL UNet needs its `unet_config`."""
+    if family == "sdxl":
+        state = sgm_unet_state(state, unet_config or {})
     out: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
         component, rest = key.split(".", 1)
@@ -222,7 +258,8 @@ def export_kohya(artifact_dir: Path, out_dir: Path, ctx: Any) -> list[str]:
         state = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)
         adapter_metadata = json.loads((handle.metadata() or {}).get("lora_adapter_metadata", "{}"))
     alphas = trained_alphas(ctx.params, adapter_metadata)
-    tensors = kohya_tensors(state, alphas, ctx.family)
+    unet_config = read_config(Path(ctx.base_path), "unet/config.json")
+    tensors = kohya_tensors(state, alphas, ctx.family, unet_config=unet_config)
     info = describe_base(ctx)
     timestamp = time.time()
     implementation = IMPL_STABILITY if info.family == "sdxl" else IMPL_DIFFUSERS
