@@ -29,14 +29,15 @@ if __package__ in (None, ""):  # run as a script: make `bench` and `core` import
 
 import torch
 
-from bench.sized_bases import SIZES, ensure_sized_base
+from bench.sized_bases import SIZED_CACHE, SIZES, ensure_sized_base
 from bench.workload import CLASS_PROMPT, INITIALIZER, INSTANCE_PROMPT, PLACEHOLDER, make_items
+from core.architectures import KNOWN
 from core.methods.params import JobSpec
+from core.training.memory import estimate
 from core.training.memory_probe import PeakMemory, module_bytes
 from core.training.progress import NullHooks
 
 METHODS = ("lora", "dreambooth", "textual_inversion", "hypernetwork", "controlnet", "ip_adapter")
-DEFAULT_CACHE = Path(tempfile.gettempdir()) / "atelier-realsize"
 CLASS_IMAGES = 2
 
 
@@ -112,7 +113,7 @@ def run_job(
     training: dict[str, Any] | None = None,
     params: dict[str, Any] | None = None,
     device: torch.device | None = None,
-    cache: Path = DEFAULT_CACHE,
+    cache: Path = SIZED_CACHE,
 ) -> RealsizeRun:
     """Train `method` on the random `size` base for `steps` steps and report its memory."""
     from core.base_loader import load_base
@@ -143,11 +144,21 @@ def run_job(
     items = make_items(4, resolution, seed=0, conditioning=method == "controlnet")
     class_images = [item.image for item in make_items(CLASS_IMAGES, resolution, seed=1)]
     baseline = module_bytes(base.unet, base.vae, base.text_encoder, base.text_encoder_2)
+    forward_end: list[int] = []
     with PeakMemory(device, baseline=baseline) as probe:
         hooks = ProbeHooks(probe, class_images)
+        # Live bytes when the UNet's forward returns: every activation saved for backward (plus
+        # weights and optimizer state) is alive then, before gradients start to replace them.
+        handle = base.unet.register_forward_hook(
+            lambda *_: forward_end.append(probe.live) if torch.is_grad_enabled() else None
+        )
         started = time.perf_counter()
-        result = train(spec=spec, base=base, items=items, workdir=workdir, hooks=hooks, device=device)
+        try:
+            result = train(spec=spec, base=base, items=items, workdir=workdir, hooks=hooks, device=device)
+        finally:
+            handle.remove()
         train_s = time.perf_counter() - started
+    predicted = estimate(spec, KNOWN[SIZES[size]], device=device.type, images=len(items))
     report = {
         "size": size,
         "method": method,
@@ -161,7 +172,13 @@ def run_job(
         "peak_setup_and_step_1_bytes": hooks.peaks.get("setup_and_step_1"),
         "peak_step_bytes": hooks.peaks.get("step_2"),
         "peak_job_bytes": probe.overall,
+        # The last training step's forward end (step 1 has no optimizer state yet).
+        "live_forward_end_bytes": forward_end[-1] if forward_end else None,
+        "predicted_peak_bytes": predicted.peak_bytes,
+        "predicted_phase": predicted.phase,
         "final_loss": result.final_loss,
+        "images_per_s": result.images_per_s,
+        "steps": steps,
         "load_s": round(load_s, 1),
         "train_s": round(train_s, 1),
         "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
@@ -177,11 +194,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--resolutions", nargs="+", type=int, default=[64])
     parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--gradient-checkpointing", choices=["off", "on", "both"], default="off")
     parser.add_argument("--optimizer", default="adamw")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    parser.add_argument("--cache", type=Path, default=SIZED_CACHE)
     parser.add_argument("--out", type=Path, default=None, help="also append the JSON lines here")
     args = parser.parse_args(argv)
     if args.threads:
@@ -198,6 +216,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                         workdir=Path(workdir),
                         resolution=resolution,
                         batch_size=args.batch_size,
+                        steps=args.steps,
                         training={"gradient_checkpointing": gc, "optimizer": args.optimizer},
                         device=torch.device(args.device),
                         cache=args.cache,

@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,8 @@ def sized_tokenizer(folder: Path) -> Any:
 
 
 SIZES = {"sd15": "sd15", "sd2": "sd21", "sdxl": "sdxl"}  # bench names -> core.architectures names
+# Written once per machine and reused (SD1.5 ~3 GB, SD2.1 ~3.5 GB, SDXL ~8 GB).
+SIZED_CACHE = Path(os.environ.get("ATELIER_REALSIZE_CACHE", Path(tempfile.gettempdir()) / "atelier-realsize"))
 
 
 def _special_tokens() -> dict[str, int]:

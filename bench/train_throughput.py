@@ -30,7 +30,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` and `core` import
 import torch
 
 from bench.reference_loops import LOOPS, PRIOR_LOSS_WEIGHT, Settings, reference_rate
-from bench.sized_bases import load_named_base, sized_base
+from bench.sized_bases import SIZED_CACHE, SIZES, load_named_base, sized_base
 from bench.workload import (
     CLASS_PROMPT,
     INITIALIZER,
@@ -121,7 +121,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--method", choices=METHODS, default="lora")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--base", default="tiny-sd", help="a configured base model id (default tiny-sd)")
-    which.add_argument("--size", choices=["sd15", "sdxl"], help="real-size architecture, random weights")
+    which.add_argument("--size", choices=sorted(SIZES), help="real-size architecture, random weights")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--steps", type=int, default=20, help="timed steps per loop")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
@@ -150,32 +150,29 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device("cuda" if cuda else "cpu")
     if args.size and device.type != "cuda" and args.device != "cpu":
         sys.exit("--size builds SD1.5/SDXL-sized models: it needs CUDA (or pass --device cpu knowingly)")
-    with tempfile.TemporaryDirectory() as folder:
 
-        def fresh_base() -> Any:
-            if args.size:
-                return sized_base(args.size, Path(folder), device)
-            return load_named_base(args.base)
+    def fresh_base() -> Any:
+        if args.size:
+            return sized_base(args.size, SIZED_CACHE, device)
+        return load_named_base(args.base)
 
-        # A configured base's native size is only known once loaded; --size sets it up front.
-        size = args.resolution or fresh_base().resolution
-        items = make_items(args.images, size, args.seed, conditioning=args.method == "controlnet")
-        class_items = (
-            make_items(args.class_images, size, args.seed + 1) if args.method == "dreambooth" else []
-        )
-        settings = Settings(
-            steps=args.steps,
-            warmup=args.warmup,
-            batch_size=args.batch_size,
-            resolution=size,
-            seed=args.seed,
-            rank=args.rank,
-            gradient_checkpointing=args.gradient_checkpointing,
-        )
-        reference = reference_rate(args.method, fresh_base(), items, class_items, settings, device)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        atelier = atelier_rate(fresh_base(), items, class_items, args, device)
+    # A configured base's native size is only known once loaded; --size sets it up front.
+    size = args.resolution or fresh_base().resolution
+    items = make_items(args.images, size, args.seed, conditioning=args.method == "controlnet")
+    class_items = make_items(args.class_images, size, args.seed + 1) if args.method == "dreambooth" else []
+    settings = Settings(
+        steps=args.steps,
+        warmup=args.warmup,
+        batch_size=args.batch_size,
+        resolution=size,
+        seed=args.seed,
+        rank=args.rank,
+        gradient_checkpointing=args.gradient_checkpointing,
+    )
+    reference = reference_rate(args.method, fresh_base(), items, class_items, settings, device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    atelier = atelier_rate(fresh_base(), items, class_items, args, device)
     return {
         "method": args.method,
         "model": args.size or args.base,

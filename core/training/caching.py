@@ -19,9 +19,9 @@ import torch
 from PIL import Image
 
 from core.training.buckets import BucketSampler, Placement, assign, resize_and_crop
+from core.training.memory import encode_chunk
 
 ImageFeatures = Callable[[list[Any]], torch.Tensor | None]  # training crops -> (n, ...) features
-ENCODE_CHUNK = 8
 TEXT_CHUNK = 32
 # Keep the cache on the GPU below this size; above it, pinned host memory and async copies.
 DEVICE_CACHE_BYTES = 4 << 30
@@ -157,7 +157,10 @@ def _encode_latents(vae: Any, pixels: torch.Tensor) -> tuple[torch.Tensor, torch
     scale = vae.config.scaling_factor
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     means, stds = [], []
-    for chunk in pixels.split(ENCODE_CHUNK):
+    # The fp32 VAE keeps several full-resolution, 128-wide tensors alive per image: eight 1024 px
+    # images at once would take ~13 GB of a GPU. The planner (core/training/memory.py) sizes the
+    # same chunks.
+    for chunk in pixels.split(encode_chunk(pixels.shape[-2] * pixels.shape[-1])):
         dist = vae.encode(chunk.to(vae.device, vae.dtype)).latent_dist
         means.append((dist.mean.float() - shift) * scale)
         stds.append(dist.std.float() * scale)

@@ -40,8 +40,9 @@ GIB = 1024**3
 ENCODE_PIXELS = 2 * 512 * 512
 
 
-def encode_chunk(resolution: int) -> int:
-    return max(1, min(8, ENCODE_PIXELS // (resolution * resolution)))
+def encode_chunk(pixels: int) -> int:
+    """Images per VAE call while caching, for images of `pixels` pixels."""
+    return max(1, min(8, ENCODE_PIXELS // pixels))
 
 
 @dataclass(frozen=True)
@@ -398,7 +399,7 @@ ACTIVATION_COEFFICIENTS: dict[tuple[str, bool], Coefficients] = {
 }
 # Tensors of (encode chunk x pixels x the VAE's first width) the fp32 VAE keeps alive at once while
 # encoding (and, one image at a time, decoding samples and class images).
-VAE_LIVE_TENSORS = 5.5
+VAE_LIVE_TENSORS = 5.0
 # Not in the allocator's count, but on the card: the CUDA context, cuBLAS/cuDNN workspaces and
 # fragmentation. A job fits a worker when its estimate plus this reserve fits the worker's memory.
 RESERVE_BYTES = GIB + GIB // 2
@@ -434,8 +435,11 @@ def coefficients(method: str, checkpointing: bool) -> Coefficients:
     )
 
 
-def estimate(spec: JobSpec, arch: Architecture, *, device: str = "cuda") -> MemoryEstimate:
-    """Peak tensor memory of `spec` on `arch` (bytes), as `torch.cuda.max_memory_allocated` counts."""
+def estimate(
+    spec: JobSpec, arch: Architecture, *, device: str = "cuda", images: int | None = None
+) -> MemoryEstimate:
+    """Peak tensor memory of `spec` on `arch` (bytes), as `torch.cuda.max_memory_allocated` counts.
+    `images`: the dataset's size, where known (a small dataset is VAE-encoded in fewer at once)."""
     training = spec.training
     weight_bytes, autocast = _precision(training, device)
     resolution = training.resolution or arch.resolution
@@ -453,7 +457,9 @@ def estimate(spec: JobSpec, arch: Architecture, *, device: str = "cuda") -> Memo
     )
     step = frozen + 4 * trained.total + optimizer + max(gradients, activations + copies)
     c0 = int(arch.vae["block_out_channels"][0])
-    vae = int(VAE_LIVE_TENSORS * encode_chunk(resolution) * resolution * resolution * c0 * 4)
+    views = images * (2 if training.random_flip else 1) if images else None
+    chunk = min(encode_chunk(resolution * resolution), views or 8)
+    vae = int(VAE_LIVE_TENSORS * chunk * resolution * resolution * c0 * 4)
     caching = frozen + 4 * trained.total + vae
     parts = {
         "weights": frozen,
