@@ -17,18 +17,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-Family = Literal["sd", "sdxl"]
+from core.architectures import KNOWN, Architecture, Family, hub_architecture, read_folder
+
 SourceKind = Literal["builtin", "hf", "storage", "local"]
 
-# What the built-in bases are, known without building them (core/tiny makes 32 px images).
-BUILTINS: dict[str, tuple[Family, int]] = {"tiny-sd": ("sd", 32), "tiny-sdxl": ("sdxl", 32)}
-# Their architecture signatures (see `architecture_of_folder`), so the API can check artifacts
+# What the built-in bases are, known without building them (core/tiny makes 32 px images), and
+# their architecture signatures (see `architecture_of_folder`), so the API can check artifacts
 # against a built-in base it has never built; tests/test_composition.py compares them with the
 # built folders.
-BUILTIN_ARCHITECTURES: dict[str, dict[str, Any]] = {
-    "tiny-sd": {"block_out_channels": [16, 32], "cross_attention_dim": 32, "text_widths": [32]},
-    "tiny-sdxl": {"block_out_channels": [16, 32], "cross_attention_dim": 64, "text_widths": [32, 32]},
+BUILTINS: dict[str, tuple[Family, int]] = {
+    name: (KNOWN[name].family, KNOWN[name].resolution) for name in ("tiny-sd", "tiny-sdxl")
 }
+BUILTIN_ARCHITECTURES: dict[str, dict[str, Any]] = {name: KNOWN[name].signature() for name in BUILTINS}
 
 
 class BaseModelNotAllowed(Exception):
@@ -80,26 +80,46 @@ def split_source(source: str) -> tuple[SourceKind, str]:
 
 
 def list_base_models(settings: Any) -> list[BaseModelInfo]:
-    return [_info(model_id, source) for model_id, source in settings.base_models.items()]
+    return [_info(model_id, source, settings) for model_id, source in settings.base_models.items()]
 
 
 def get_base_model_info(model_id: str, settings: Any) -> BaseModelInfo:
     source = settings.base_models.get(model_id)
     if source is None:
         raise BaseModelNotAllowed(model_id, sorted(settings.base_models))
-    return _info(model_id, source)
+    return _info(model_id, source, settings)
 
 
-def _info(model_id: str, source: str) -> BaseModelInfo:
+def _info(model_id: str, source: str, settings: Any) -> BaseModelInfo:
     kind, value = split_source(source)
-    if kind == "builtin":
-        family, resolution = BUILTINS.get(value, (None, None))
-        return BaseModelInfo(model_id, source, family, resolution, builtin=True)
-    if kind == "local":
+    if kind == "local" and model_id not in settings.base_architectures:
         family, resolution = describe_folder(Path(value))
         return BaseModelInfo(model_id, source, family, resolution, builtin=False)
-    # hf: and storage: are only known once fetched; the worker reads the folder then.
-    return BaseModelInfo(model_id, source, None, None, builtin=False)
+    arch = architecture_for(model_id, settings)
+    family, resolution = (arch.family, arch.resolution) if arch else (None, None)
+    return BaseModelInfo(model_id, source, family, resolution, builtin=kind == "builtin")
+
+
+def architecture_for(model_id: str, settings: Any) -> Architecture | None:
+    """An allowed base's architecture without torch or a download, or None where it cannot be
+    known here: a declared one (Settings.base_architectures, for same-architecture fine-tunes)
+    first, then built-ins from the table, local folders from their configs, and the published hub
+    repos users name most (core.architectures.HUB_REPOS). storage: bases are known only when
+    declared. Raises BaseModelNotAllowed."""
+    source = settings.base_models.get(model_id)
+    if source is None:
+        raise BaseModelNotAllowed(model_id, sorted(settings.base_models))
+    declared = settings.base_architectures.get(model_id)
+    if declared is not None:
+        return KNOWN[declared]
+    kind, value = split_source(source)
+    if kind == "builtin":
+        return KNOWN.get(value)
+    if kind == "local":
+        return read_folder(Path(value))
+    if kind == "hf":
+        return hub_architecture(value)
+    return None
 
 
 def describe_folder(folder: Path) -> tuple[Family | None, int | None]:
@@ -146,16 +166,15 @@ class BaseDescription:
 
 
 def describe_base(model_id: str, settings: Any) -> BaseDescription:
-    """Family and architecture of an allowed base, where the API can see them: built-ins from the
-    table above, local folders from their configs; hf: and storage: bases only once fetched by a
-    worker, so not here. Raises BaseModelNotAllowed."""
+    """Family and architecture of an allowed base, where the API can see them: local folders from
+    their configs, everything else as `architecture_for` knows it (hf: and storage: bases it does
+    not know only once fetched by a worker, so not here). Raises BaseModelNotAllowed."""
     info = get_base_model_info(model_id, settings)
     kind, value = split_source(info.source)
-    if kind == "builtin":
-        return BaseDescription(model_id, info.family, BUILTIN_ARCHITECTURES.get(value))
-    if kind == "local":
+    if kind == "local" and model_id not in settings.base_architectures:
         return BaseDescription(model_id, info.family, architecture_of_folder(Path(value)))
-    return BaseDescription(model_id, info.family, None)
+    arch = architecture_for(model_id, settings)
+    return BaseDescription(model_id, info.family, arch.signature() if arch else None)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

@@ -15,6 +15,8 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from core.architectures import KNOWN
+
 # Built-in bases are made offline by core/tiny; anything else must be listed explicitly.
 DEFAULT_BASE_MODELS: dict[str, str] = {
     "tiny-sd": "builtin:tiny-sd",
@@ -47,6 +49,17 @@ class Settings(BaseSettings):
     # IP-Adapter's frozen CLIP image encoder for bases that do not ship `image_encoder/` (real SD1.5
     # and SDXL): a local CLIPVisionModelWithProjection folder, e.g. h94/IP-Adapter's models/image_encoder.
     image_encoder: Path | None = None
+    # Same-architecture fine-tunes the API cannot open (hf:, storage:): base id -> the name of a
+    # known architecture (core.architectures.KNOWN: sd15, sd21, sd21-base, sdxl), for memory
+    # planning and compatibility checks without downloading anything.
+    base_architectures: dict[str, str] = Field(default_factory=dict)
+
+    # Memory planning (core/fitting.py): each class of training worker's accelerator memory in GiB
+    # ("24,80"), for workers that may not be running now. Training workers also announce their
+    # device (core/workers.py); the largest of both is what a job must fit. Neither: no check.
+    train_worker_memory_gib: Annotated[list[float], NoDecode] = Field(default_factory=list)
+    worker_announce_s: float = 60.0  # a training worker refreshes its announcement this often
+    worker_live_s: float = 300.0  # an announcement not refreshed for this long no longer counts
 
     max_attempts: int = 3
     lease_s: float = 60.0
@@ -79,10 +92,10 @@ class Settings(BaseSettings):
     max_image_pixels: int = 40_000_000
     max_caption_bytes: int = 2048
 
-    @field_validator("webhook_allow_hosts", mode="before")
+    @field_validator("webhook_allow_hosts", "train_worker_memory_gib", mode="before")
     @classmethod
-    def _split_hosts(cls, value: object) -> object:
-        # The environment gives "127.0.0.1,receiver" or a JSON list; both mean a list of hosts.
+    def _split_list(cls, value: object) -> object:
+        # The environment gives "127.0.0.1,receiver" (or "24,80") or a JSON list; both mean a list.
         if isinstance(value, str):
             text = value.strip()
             return (
@@ -106,11 +119,25 @@ class Settings(BaseSettings):
         for model_id, source in self.base_models.items():
             if not source:
                 raise ValueError(f"base model {model_id!r} has an empty source")
+        self._check_memory_planning()
         if self.webhook_max_attempts < 1 or self.webhook_timeout_s <= 0:
             raise ValueError("webhook_max_attempts must be at least 1 and webhook_timeout_s positive")
         if self.lease_s <= self.heartbeat_s * 2:
             raise ValueError("lease_s must exceed two heartbeats, or live jobs get reaped")
         return self
+
+    def _check_memory_planning(self) -> None:
+        for model_id, name in self.base_architectures.items():
+            if model_id not in self.base_models:
+                raise ValueError(f"base_architectures names {model_id!r}, which is not in base_models")
+            if name not in KNOWN:
+                raise ValueError(
+                    f"base_architectures[{model_id!r}] is {name!r}; known: {', '.join(sorted(KNOWN))}"
+                )
+        if any(gib <= 0 for gib in self.train_worker_memory_gib):
+            raise ValueError("train_worker_memory_gib entries must be positive")
+        if self.worker_live_s <= self.worker_announce_s * 2:
+            raise ValueError("worker_live_s must exceed two announcements, or live workers lapse")
 
     @property
     def broker_folder(self) -> Path:

@@ -8,6 +8,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     Float,
@@ -109,6 +110,8 @@ class Job(Base):
     # Where the job's events are POSTed, and which ones (core/webhooks.py); checked at creation.
     webhook_url: Mapped[str | None] = mapped_column(String(2048))
     webhook_events: Mapped[list[Any] | None]
+    # The memory plan the API made (core/fitting.py): estimate, worker capacity, changes made to fit.
+    memory: Mapped[dict[str, Any] | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     dispatched_at: Mapped[datetime | None]
     started_at: Mapped[datetime | None]
@@ -168,6 +171,22 @@ class WebhookDelivery(Base):
     attempt_log: Mapped[list[Any]] = mapped_column(default=list)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     delivered_at: Mapped[datetime | None]
+
+
+class Worker(Base):
+    """A training worker's announcement of its device (core/workers.py), refreshed while it runs;
+    the API plans jobs against the live ones."""
+
+    __tablename__ = "workers"
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)  # host:pid of the worker process
+    hostname: Mapped[str] = mapped_column(String(200))
+    queues: Mapped[str] = mapped_column(String(200))
+    device: Mapped[str] = mapped_column(String(20))  # "cuda" | "cpu"
+    device_name: Mapped[str] = mapped_column(String(200))
+    memory_bytes: Mapped[int] = mapped_column(BigInteger)  # the accelerator's (host RAM on a CPU)
+    bitsandbytes: Mapped[bool] = mapped_column(Boolean, default=False)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_seen: Mapped[datetime] = mapped_column(default=utcnow, index=True)
 
 
 class Artifact(Base):

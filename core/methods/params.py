@@ -299,6 +299,13 @@ class TrainingParams(StrictModel):
     optimizer: Literal["adamw", "adamw_8bit", "adafactor"] = Field(
         "adamw", description="adamw_8bit needs bitsandbytes on the worker; adafactor keeps factored moments"
     )
+    # Read by the API only (core/fitting.py); the loop trains the settings as stored.
+    fit: Literal["off", "auto"] = Field(
+        "off",
+        description="auto: where the job would not fit the largest training worker's memory, Atelier "
+        "turns on gradient checkpointing, then 8-bit or factored optimizer state, then smaller "
+        "micro-batches with gradient accumulation (same effective batch), and records each change",
+    )
 
     @field_validator("resolution")
     @classmethod
