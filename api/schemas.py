@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from core.fitting import JobFit
 from core.inference_params import GenerationSpec
 from core.methods.params import JobSpec
 from core.models import Artifact, Dataset, Generation, Job, JobEvent
@@ -69,6 +70,12 @@ class JobPublic(BaseModel):
     artifact_id: str | None
     webhook_url: str | None = None
     webhook_events: list[str] | None = None
+    memory: dict[str, Any] | None = Field(
+        default=None,
+        description="The memory plan: estimate (of the job as it trains), the largest training "
+        "worker's capacity_bytes, whether it fits, and the changes that fit=auto made; "
+        "null where the base's architecture is unknown to the API",
+    )
     created_at: str | None
     started_at: str | None
     finished_at: str | None
@@ -104,9 +111,33 @@ class JobPublic(BaseModel):
             artifact_id=job.artifact_id,
             webhook_url=job.webhook_url,
             webhook_events=job.webhook_events,
+            memory=job.memory,
             created_at=iso(job.created_at),
             started_at=iso(job.started_at),
             finished_at=iso(job.finished_at),
+        )
+
+
+class JobPlanPublic(BaseModel):
+    """`POST /v1/jobs?dry_run=true`: what creating the job would do, without creating it."""
+
+    object: Literal["job_plan"] = "job_plan"
+    fits: bool | None = Field(description="null: no training worker's memory is known; nothing checked")
+    memory: dict[str, Any] | None = Field(description="The job's memory plan, as JobPublic.memory")
+    suggested_changes: list[dict[str, Any]] = Field(
+        description='When it does not fit: what training.fit "auto" would change (empty if nothing would)'
+    )
+    detail: str | None = Field(description="When it does not fit: why, and what would make it fit")
+    spec: dict[str, Any] = Field(description="The job as it would train, after any changes")
+
+    @classmethod
+    def of(cls, fit: JobFit) -> JobPlanPublic:
+        return cls(
+            fits=fit.fits,
+            memory=fit.memory,
+            suggested_changes=fit.suggested_changes,
+            detail=fit.detail,
+            spec=fit.spec.model_dump(mode="json"),
         )
 
 

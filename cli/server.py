@@ -73,7 +73,8 @@ def run_worker(
     settings: Settings | None = None,
 ) -> None:
     """One job per process by default: a fresh child per task frees all (GPU) memory afterwards."""
-    from worker.app import get_celery
+    from worker.announce import Announcer
+    from worker.app import TRAIN_QUEUE, get_celery
 
     settings = settings or get_settings()
     upgrade(settings.database_url)
@@ -91,7 +92,15 @@ def run_worker(
     if beat:
         settings.home.mkdir(parents=True, exist_ok=True)
         argv += ["--beat", f"--schedule={settings.home / 'celerybeat-schedule'}"]
-    get_celery().worker_main(argv)
+    # Training workers announce their device: the API plans jobs against their memory.
+    announcer = Announcer(settings, queues) if TRAIN_QUEUE in queues.split(",") else None
+    if announcer:
+        announcer.start()
+    try:
+        get_celery().worker_main(argv)
+    finally:
+        if announcer:
+            announcer.stop()
 
 
 def run_beat(*, loglevel: str = "INFO") -> None:

@@ -17,6 +17,7 @@ class ApiError(Exception):
         title: str | None = None,
         errors: list[dict[str, Any]] | None = None,
         headers: dict[str, str] | None = None,
+        extensions: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(detail)
         self.status = status
@@ -25,6 +26,8 @@ class ApiError(Exception):
         self.title = title or code.replace("_", " ").capitalize()
         self.errors = errors
         self.headers = headers
+        # RFC 9457 extension members: machine-readable facts beside the human `detail`.
+        self.extensions = extensions or {}
 
     def to_problem(self, instance: str | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -38,7 +41,7 @@ class ApiError(Exception):
             body["instance"] = instance
         if self.errors:
             body["errors"] = self.errors
-        return body
+        return {**self.extensions, **body}
 
 
 def not_found(kind: str, ident: str) -> ApiError:

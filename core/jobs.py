@@ -50,6 +50,9 @@ def request_hash(body: dict[str, Any]) -> str:
 
 def _request_body(spec: JobSpec, webhook: WebhookTarget | None) -> dict[str, Any]:
     body = spec.model_dump(mode="json")
+    if body["training"]["fit"] == "off":
+        # The default is left out, so a key used before training.fit existed still hashes the same.
+        del body["training"]["fit"]
     if webhook is not None:
         # Added only when present, so a key used before webhooks existed still hashes the same.
         body["webhook"] = webhook.as_dict()
@@ -73,8 +76,14 @@ def create_job(
     idempotency_key: str | None,
     max_attempts: int,
     webhook: WebhookTarget | None = None,
+    fitted: JobSpec | None = None,
+    memory: dict[str, Any] | None = None,
 ) -> tuple[Job, bool]:
-    """Insert a queued job; with a key already used, return that job (created=False) or raise."""
+    """Insert a queued job; with a key already used, return that job (created=False) or raise.
+
+    `spec` is the request as sent (what a replay is checked against); `fitted` what the job trains
+    when the memory plan (`memory`, core/fitting.py) changed it; each change is recorded as a
+    `fitted` event."""
     if idempotency_key is not None:
         existing = find_replay(
             session=session,
@@ -86,23 +95,28 @@ def create_job(
         if existing is not None:
             return existing, False
     body_hash = request_hash(_request_body(spec, webhook))
+    trains = fitted or spec
     job = Job(
         id=new_id("job"),
         tenant_id=tenant_id,
         dataset_id=spec.dataset_id,
         method=spec.params.method,
         base_model=spec.base_model,
-        spec=spec.model_dump(mode="json"),
+        spec=trains.model_dump(mode="json"),
         status=JobStatus.queued,
         max_attempts=max_attempts,
-        total_steps=spec.training.max_steps,
+        total_steps=trains.training.max_steps,
         idempotency_key=idempotency_key,
         request_hash=body_hash,
         webhook_url=webhook.url if webhook else None,
         webhook_events=list(webhook.events) if webhook else None,
+        memory=memory,
     )
     session.add(job)
     add_event(session=session, job_id=job.id, attempt=0, type="created")
+    if memory and memory["changes"]:
+        fit = {k: memory[k] for k in ("changes", "estimate", "capacity_bytes")}
+        add_event(session=session, job_id=job.id, attempt=0, type="fitted", data=fit)
     try:
         session.commit()
     except IntegrityError:

@@ -1,4 +1,5 @@
-"""Training jobs: create (idempotent), list, get, cancel, events (JSON and SSE), samples."""
+"""Training jobs: create (idempotent, memory-planned; or a dry run), list, get, cancel, events (JSON
+and SSE), samples."""
 
 from __future__ import annotations
 
@@ -17,12 +18,13 @@ from api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
 from api.files import file_url
 from api.pagination import page
 from api.routes.datasets import get_owned_dataset
-from api.schemas import EventPublic, EventsPublic, JobCreate, JobPublic, JobsPublic
+from api.schemas import EventPublic, EventsPublic, JobCreate, JobPlanPublic, JobPublic, JobsPublic
 from core import jobs, url_guard
 from core.base_models import BaseModelNotAllowed, get_base_model_info
 from core.db import new_session
 from core.errors import ApiError, not_found
-from core.methods.params import METHOD_INFO
+from core.fitting import JobFit, plan_job
+from core.methods.params import METHOD_INFO, JobSpec
 from core.models import DatasetStatus, Job, JobEvent, JobStatus
 from worker.app import send_train
 
@@ -87,7 +89,32 @@ def _replayed(response: Response, job: Job) -> JobPublic:
     return JobPublic.from_row(job)
 
 
-@router.post("", status_code=201, response_model=JobPublic)
+def _fit(session: SessionDep, settings: SettingsDep, spec: JobSpec) -> JobFit:
+    """The memory plan; a job that fits no training worker (even fitted, with fit "auto") is refused."""
+    fit = plan_job(spec=spec, settings=settings, session=session)
+    if fit.fits is False:
+        assert fit.memory is not None and fit.detail is not None
+        raise ApiError(
+            422,
+            "job_does_not_fit",
+            fit.detail,
+            extensions={
+                "estimate": fit.memory["estimate"],
+                "capacity_bytes": fit.memory["capacity_bytes"],
+                "reserve_bytes": fit.memory["reserve_bytes"],
+                "suggested_changes": fit.suggested_changes,
+            },
+        )
+    return fit
+
+
+DRY_RUN = Query(
+    description="Answer whether and how the job fits the training workers (200, a job_plan) "
+    "without creating it; a job that does not fit answers fits: false, not 422"
+)
+
+
+@router.post("", status_code=201, response_model=JobPublic | JobPlanPublic)
 def create_job(
     body: JobCreate,
     response: Response,
@@ -95,8 +122,15 @@ def create_job(
     settings: SettingsDep,
     tenant_id: TenantDep,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
-) -> JobPublic:
+    dry_run: Annotated[bool, DRY_RUN] = False,
+) -> JobPublic | JobPlanPublic:
     spec, webhook = body.job_spec(), body.webhook()
+    if dry_run:
+        # Nothing is created, so an Idempotency-Key has nothing to replay or reserve.
+        _check_inputs(session, settings, tenant_id, body)
+        _check_webhook(settings, body)
+        response.status_code = 200
+        return JobPlanPublic.of(plan_job(spec=spec, settings=settings, session=session))
     try:
         # A retried create answers with the job it made, even if its inputs changed since.
         if idempotency_key:
@@ -111,6 +145,7 @@ def create_job(
                 return _replayed(response, replay)
         _check_inputs(session, settings, tenant_id, body)
         _check_webhook(settings, body)
+        fit = _fit(session, settings, spec)
         job, created = jobs.create_job(
             session=session,
             tenant_id=tenant_id,
@@ -118,6 +153,8 @@ def create_job(
             idempotency_key=idempotency_key,
             max_attempts=settings.max_attempts,
             webhook=webhook,
+            fitted=fit.spec,
+            memory=fit.memory,
         )
     except jobs.IdempotencyConflict as exc:
         raise ApiError(422, "idempotency_key_reused", str(exc)) from exc
