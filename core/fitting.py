@@ -137,7 +137,7 @@ def _refusal(spec: JobSpec, arch: Architecture, peak: int, capacity: Capacity, a
     training = spec.training
     resolution = training.resolution or arch.resolution
     head = (
-        f"this {spec.params.method} job on {spec.base_model} ({resolution} px, batch "
+        f"This {spec.params.method} job on {spec.base_model} ({resolution} px, batch "
         f"{training.batch_size}) needs about {_gib(peak + RESERVE_BYTES)} (an estimated "
         f"{_gib(peak)} peak + {_gib(RESERVE_BYTES)} reserve); the largest training worker has "
         f"{_gib(capacity.memory_bytes)}"
