@@ -51,7 +51,8 @@ JOB_EXAMPLES: dict[str, dict[str, Any]] = {
     "dreambooth": _job(
         "DreamBooth",
         "A subject bound to the identifier 'sks', with prior preservation from 100 class images the "
-        "worker generates. Dataset: 3-20 instance images.",
+        "worker generates; fit 'auto' lets Atelier change memory settings (recorded on the job) "
+        "where it would not fit the training workers. Dataset: 3-20 instance images.",
         {
             "method": "dreambooth",
             "instance_prompt": "a photo of sks dog",
@@ -59,7 +60,13 @@ JOB_EXAMPLES: dict[str, dict[str, Any]] = {
             "num_class_images": 100,
             "prior_loss_weight": 1.0,
         },
-        {"max_steps": 800, "learning_rate": 5e-6, "batch_size": 1, "gradient_checkpointing": True},
+        {
+            "max_steps": 800,
+            "learning_rate": 5e-6,
+            "batch_size": 1,
+            "gradient_checkpointing": True,
+            "fit": "auto",
+        },
     ),
     "textual_inversion": _job(
         "Textual Inversion",
