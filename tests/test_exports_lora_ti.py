@@ -407,7 +407,10 @@ def test_a1111_embedding_generates_what_the_primary_does(ti_run: Any) -> None:
     ours, theirs = latents(exported, prompt), latents(primary, prompt)
     plain = latents(fresh_pipeline(base), prompt)
     difference = (ours - theirs).abs().max().item()
-    assert difference < TOLERANCE and (plain - theirs).abs().max().item() > 100 * TOLERANCE, difference
+    # The embedding's own effect after two steps depends on the tiny base's exact bits, which
+    # differ between CPUs (the base is pre-trained on the machine): 0.03 to over 0.1 seen. Ten
+    # times the export's tolerance still tells a working embedding from none.
+    assert difference < TOLERANCE and (plain - theirs).abs().max().item() > 10 * TOLERANCE, difference
 
 
 def test_prompt_words() -> None:

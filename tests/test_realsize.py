@@ -46,10 +46,11 @@ CASES = [
     *(("sd2", method) for method in ("lora", "dreambooth", "textual_inversion", "hypernetwork")),
 ]
 CASES.remove(("sdxl", "dreambooth"))  # see the module docstring
-# What the first key of each single-file export must look like (original SD / SGM layout).
+# A key each single-file export must hold: the original SD layout for DreamBooth checkpoints,
+# diffusers keys for ControlNets (core/exports/controlnet.py says why).
 SINGLE_FILE_KEY = {
     "dreambooth": "model.diffusion_model.input_blocks.0.0.weight",
-    "controlnet": "control_model.input_blocks.0.0.weight",
+    "controlnet": "controlnet_cond_embedding.conv_in.weight",  # diffusers keys, as tools expect
 }
 
 
