@@ -18,25 +18,11 @@ from diffusers.utils import convert_unet_state_dict_to_peft
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
+from core.architectures import SDXL_UNET
 from core.exports.lora import kohya_tensors
 from core.methods.lora import unet_targets
 
 RANK, ALPHA = 4, 2.0
-# The module-deciding keys of stabilityai/stable-diffusion-xl-base-1.0's unet/config.json, written
-# here so the expected names below rest on the published model, not on another module of ours.
-SDXL_UNET: dict[str, Any] = {
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    "block_out_channels": [320, 640, 1280],
-    "layers_per_block": 2,
-    "transformer_layers_per_block": [1, 2, 10],
-    "attention_head_dim": [5, 10, 20],
-    "cross_attention_dim": 2048,
-    "use_linear_projection": True,
-    "addition_embed_type": "text_time",
-    "addition_time_embed_dim": 256,
-    "projection_class_embeddings_input_dim": 2816,
-}
 # SdxlUNet2DConditionModel: each Transformer2DModel's block path and depth (transformer_blocks).
 TRANSFORMERS = {
     "input_blocks_4_1": 2,
