@@ -45,11 +45,11 @@ class Capacity:
     memory_bytes: int
     bitsandbytes: bool
 
-    def optimizer_choices(self) -> list[frozenset[str]]:
-        # 8-bit AdamW first where every worker of this size has bitsandbytes; if it cannot make the
-        # job fit, Adafactor's factored state (smaller still) may.
-        full = BASE_OPTIMIZERS | {"adamw_8bit"}
-        return [full, BASE_OPTIMIZERS] if self.bitsandbytes else [BASE_OPTIMIZERS]
+    @property
+    def optimizers(self) -> frozenset[str]:
+        # 8-bit AdamW only where every worker of this size has bitsandbytes; the planner falls
+        # back to Adafactor's factored state (smaller still) where 8-bit is not enough.
+        return BASE_OPTIMIZERS | {"adamw_8bit"} if self.bitsandbytes else BASE_OPTIMIZERS
 
 
 def training_capacity(*, session: Session, settings: Settings) -> Capacity | None:
@@ -97,11 +97,9 @@ def plan_job(*, spec: JobSpec, settings: Settings, session: Session) -> JobFit:
 
 
 def _plan(spec: JobSpec, arch: Architecture, capacity: Capacity, *, auto: bool) -> FitPlan:
-    plans = [
-        plan_fit(spec, arch, capacity.memory_bytes, auto=auto, optimizers=choice, device=DEVICE)
-        for choice in capacity.optimizer_choices()
-    ]
-    return next((p for p in plans if p.fits), min(plans, key=lambda p: p.estimate.peak_bytes))
+    return plan_fit(
+        spec, arch, capacity.memory_bytes, auto=auto, optimizers=capacity.optimizers, device=DEVICE
+    )
 
 
 def _memory(

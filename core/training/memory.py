@@ -555,16 +555,17 @@ def plan_fit(
         ):
             return FitPlan(True, capacity_bytes, current, spec, changes)
     if training.optimizer == "adamw":
-        choice = "adamw_8bit" if "adamw_8bit" in optimizers else "adafactor"
-        kind = "8-bit" if choice == "adamw_8bit" else "factored"
-        if apply(
-            _with_training(spec, optimizer=choice),
-            "training.optimizer",
-            "adamw",
-            choice,
-            f"{kind} optimizer state instead of AdamW's two fp32 moments",
-        ):
-            return FitPlan(True, capacity_bytes, current, spec, changes)
+        # 8-bit AdamW keeps Adam's behaviour at a quarter of its state; Adafactor's factored state is
+        # smaller still, so it is the choice where 8-bit is missing or not enough.
+        choices = [c for c in ("adamw_8bit", "adafactor") if c in optimizers | {"adafactor"}]
+        for choice in choices:
+            trial = _with_training(spec, optimizer=choice)
+            if fits(estimate(trial, arch, device=device), capacity_bytes) or choice == choices[-1]:
+                kind = "8-bit" if choice == "adamw_8bit" else "factored"
+                reason = f"{kind} optimizer state instead of AdamW's two fp32 moments"
+                if apply(trial, "training.optimizer", "adamw", choice, reason):
+                    return FitPlan(True, capacity_bytes, current, spec, changes)
+                break
     batch, accumulation = spec.training.batch_size, spec.training.gradient_accumulation_steps
     for micro in sorted((m for m in range(1, batch) if batch % m == 0), reverse=True):
         steps = accumulation * batch // micro
