@@ -5,10 +5,13 @@ then goes through the generation path (`core.generation_context.applied`: diffus
 a freshly loaded pipeline and must change what the pipeline computes. The process's peak RSS must
 stay under 16 GiB, so CI's 24 GiB machine runs these.
 
-Not here: DreamBooth at SDXL size. Its fp32 UNet (10.3 GB), gradients (10.3 GB) and optimizer state
-(20.5 GB with AdamW, ~0.3 GB with Adafactor's factored moments, but then still ~23 GB with the
-weights and gradients) cannot fit a 24 GiB host; it runs at SD1.5 and SD2.1 size, and at SDXL size
-only where a GPU is lent (bench/gpu_suite.sh).
+Not here, because they cannot stay under 16 GiB of host memory (they run at SD1.5 and SD2.1 size
+here, and at SDXL size in bench/gpu_suite.sh where a GPU is lent):
+- DreamBooth at SDXL size: its fp32 UNet (10.3 GB), gradients (10.3 GB) and optimizer state (20.5 GB
+  with AdamW; Adafactor's factored moments still leave ~23 GB with weights and gradients).
+- ControlNet at SDXL size: its fp32 copy of the UNet's encoder (1.25 B parameters: 5 GB, 5 GB of
+  gradients, 10 GB of AdamW state) beside the frozen bf16 base (7 GB); built from the fp32 UNet
+  (10.3 GB) as diffusers' recipe does. Measured: killed at 24 GB.
 
 The base folders are written once into $ATELIER_REALSIZE_CACHE (default /tmp/atelier-realsize):
 SD1.5 ~3 GB, SD2.1 ~3.5 GB, SDXL ~8 GB of bf16 safetensors.
@@ -43,9 +46,10 @@ TRAINING = {"learning_rate": 1e-3, "seed": 3}
 # on what sets SD2 apart from SD1.5.
 CASES = [
     *((size, method) for size in ("sd15", "sdxl") for method in METHODS),
-    *(("sd2", method) for method in ("lora", "dreambooth", "textual_inversion", "hypernetwork")),
+    *(("sd2", method) for method in ("lora", "dreambooth", "textual_inversion", "controlnet")),
 ]
 CASES.remove(("sdxl", "dreambooth"))  # see the module docstring
+CASES.remove(("sdxl", "controlnet"))
 # A key each single-file export must hold: the original SD layout for DreamBooth checkpoints,
 # diffusers keys for ControlNets (core/exports/controlnet.py says why).
 SINGLE_FILE_KEY = {
@@ -118,6 +122,24 @@ def _assert_kohya_sdxl_modules(keys: set[str]) -> None:
     assert "lora_unet_output_blocks_0_1_transformer_blocks_9_attn2_to_k" in modules
 
 
+def _assert_planned(report: dict[str, Any]) -> None:
+    """The planner's estimate is within 15 % of the measured training peak (setup and steps; the
+    export runs from files on the host, outside the accelerator)."""
+    measured = max(report["peak_setup_and_step_1_bytes"], report["peak_step_bytes"])
+    error = (report["predicted_peak_bytes"] - measured) / measured
+    assert abs(error) < 0.15, f"planner off by {error:+.1%}: {json.dumps(report)}"
+
+
+def test_planner_matches_a_step_where_activations_count(tmp_path: Path) -> None:
+    """At 256 px a fifth of an SD1.5 LoRA job's peak above the weights is activations: the planner
+    must be right about them too, not only about the weights."""
+    run = run_job(size="sd15", method="lora", workdir=tmp_path, resolution=256, cache=CACHE)
+    report = run.report
+    activations = report["live_forward_end_bytes"] - report["weights_loaded_bytes"]
+    assert activations > 0.1 * (report["peak_step_bytes"] - report["weights_loaded_bytes"]) > 0
+    _assert_planned(report)
+
+
 @pytest.mark.parametrize(("size", "method"), CASES, ids=[f"{s}-{m}" for s, m in CASES])
 def test_method_trains_exports_and_applies_at_real_size(size: str, method: str, tmp_path: Path) -> None:
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -134,6 +156,7 @@ def test_method_trains_exports_and_applies_at_real_size(size: str, method: str, 
         assert SINGLE_FILE_KEY[method] in _export_keys(result, "single_file")
     if method == "lora" and size == "sdxl":
         _assert_kohya_sdxl_modules(_export_keys(result, "kohya"))
+    _assert_planned(report)
     del run  # the trained base: free it before loading a fresh pipeline
     gc.collect()
 

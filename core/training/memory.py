@@ -408,7 +408,9 @@ RESERVE_BYTES = GIB + GIB // 2
 @dataclass(frozen=True)
 class MemoryEstimate:
     peak_bytes: int
-    phase: str  # where the peak falls: "step" (training) or "caching" (VAE encoding, class images)
+    # Where the peak falls: "step" (training), "caching" (VAE encoding, class images) or "loading"
+    # (ControlNet's copy of the still-fp32 UNet).
+    phase: str
     parts: dict[str, int]
 
     def to_public(self) -> dict[str, Any]:
@@ -470,8 +472,12 @@ def estimate(
         "activations": activations,
         "vae_encoding": vae,
     }
-    phase = "step" if step >= caching else "caching"
-    return MemoryEstimate(max(step, caching), phase, parts)
+    # ControlNet is copied from the fp32 UNet (as diffusers' recipe does) before the UNet is cast.
+    unet_fp32 = (4 - weight_bytes) * unet_params(arch.unet).total if spec.params.method == "controlnet" else 0
+    loading = frozen + 4 * trained.total + unet_fp32
+    phases = {"step": step, "caching": caching, "loading": loading}
+    phase = max(phases, key=lambda name: phases[name])
+    return MemoryEstimate(phases[phase], phase, parts)
 
 
 # --- fitting a job to a worker ---------------------------------------------------------------------
