@@ -72,11 +72,19 @@ class ProbeHooks(NullHooks):
         self.probe = probe
         self.class_images = class_images
         self.peaks: dict[str, int] = {}
+        self.marks: dict[int, float] = {}
+
+    def steady_rate(self, total: int, batch_size: int) -> float | None:
+        """Images/s over steps 3..total: without step 1's warm-up and the probe's two syncs."""
+        if total <= 2 or total not in self.marks:
+            return None
+        return (total - 2) * batch_size / (self.marks[total] - self.marks[2])
 
     def should_report(self, step: int) -> bool:
         return step <= 2
 
     def progress(self, *, step: int, total: int, loss: float, images_per_s: float) -> None:
+        self.marks[step] = time.perf_counter()  # the loss was just read: the device is in sync
         if step <= 2:
             self.peaks["setup_and_step_1" if step == 1 else "step_2"] = self.probe.current_peak()
             self.probe.reset_peak()
@@ -178,6 +186,7 @@ def run_job(
         "predicted_phase": predicted.phase,
         "final_loss": result.final_loss,
         "images_per_s": result.images_per_s,
+        "steady_images_per_s": hooks.steady_rate(steps, batch_size),
         "steps": steps,
         "load_s": round(load_s, 1),
         "train_s": round(train_s, 1),
