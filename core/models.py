@@ -44,6 +44,7 @@ class DatasetStatus(StrEnum):
     validating = "validating"
     ready = "ready"
     invalid = "invalid"
+    deleting = "deleting"  # no new job may use it; a failed deletion is retried by deleting again
 
 
 class Tenant(Base):
@@ -59,8 +60,12 @@ class ApiKey(Base):
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
     # Only a hash is kept: a leaked database does not leak usable keys.
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    name: Mapped[str | None] = mapped_column(String(100))  # a label for people ("ci", "laptop")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None]
+    expires_at: Mapped[datetime | None]
+    # Written at most once a minute per key (core/tenants.py): a write per request would contend.
+    last_used_at: Mapped[datetime | None]
 
 
 class Dataset(Base):
@@ -85,7 +90,8 @@ class Job(Base):
     )
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
-    dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id"))
+    # NULL once the dataset is deleted (only a finished job outlives its dataset).
+    dataset_id: Mapped[str | None] = mapped_column(ForeignKey("datasets.id"))
     method: Mapped[str] = mapped_column(String(40))
     base_model: Mapped[str] = mapped_column(String(200))
     spec: Mapped[dict[str, Any]]
@@ -193,7 +199,8 @@ class Artifact(Base):
     __tablename__ = "artifacts"
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
-    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), unique=True)
+    # NULL once the job is deleted: an artifact outlives the job that trained it.
+    job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id"), unique=True)
     method: Mapped[str] = mapped_column(String(40))
     base_model: Mapped[str] = mapped_column(String(200))
     storage_prefix: Mapped[str] = mapped_column(String(300))
@@ -209,6 +216,9 @@ class Generation(Base):
     status: Mapped[str] = mapped_column(String(20), default=JobStatus.queued)
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     image_keys: Mapped[list[Any] | None]
+    # Images stored from the request's data URIs: this generation's own, deleted with it (images
+    # uploaded to /v1/images are the tenant's, and stay).
+    input_image_ids: Mapped[list[Any] | None]
     error_code: Mapped[str | None] = mapped_column(String(60))
     error_message: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
