@@ -12,7 +12,7 @@ from core.config import Settings, get_settings
 from core.db import new_session
 from core.errors import ApiError
 from core.storage import Storage, make_storage
-from core.tenants import tenant_for_key
+from core.tenants import KeyState, check_key
 
 
 def settings_dep() -> Settings:
@@ -48,6 +48,19 @@ def get_storage(settings: SettingsDep) -> Storage:
 StorageDep = Annotated[Storage, Depends(get_storage)]
 
 
+_REFUSED = {
+    None: ("invalid_api_key", "the API key is unknown"),
+    KeyState.revoked: (
+        "api_key_revoked",
+        "the API key was revoked; create a new one with `atelier keys create`",
+    ),
+    KeyState.expired: (
+        "api_key_expired",
+        "the API key has expired; create a new one with `atelier keys create`",
+    ),
+}
+
+
 def get_tenant(request: Request, session: SessionDep) -> str:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
@@ -58,15 +71,12 @@ def get_tenant(request: Request, session: SessionDep) -> str:
             "send an API key as 'Authorization: Bearer <key>' (create one with `atelier keys create`)",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    tenant_id = tenant_for_key(session=session, secret=token.strip())
-    if tenant_id is None:
-        raise ApiError(
-            401,
-            "invalid_api_key",
-            "the API key is unknown or revoked",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
-    return tenant_id
+    check = check_key(session=session, secret=token.strip())
+    if check.state is not KeyState.active:
+        code, detail = _REFUSED[check.state]
+        raise ApiError(401, code, detail, headers={"WWW-Authenticate": "Bearer"})
+    assert check.tenant_id is not None
+    return check.tenant_id
 
 
 TenantDep = Annotated[str, Depends(get_tenant)]

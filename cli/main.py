@@ -1,5 +1,5 @@
 """`atelier`: the HTTP commands (datasets, jobs, artifacts, generate), the server roles (serve,
-worker, beat), `keys create`, and `demo`."""
+worker, beat), `keys create|list|revoke`, and `demo`."""
 
 from __future__ import annotations
 
@@ -15,19 +15,10 @@ from core.logs import configure_logging, log_level
 SERVER_ROLES = ("serve", "worker", "beat")
 
 
-def _keys_create(args: argparse.Namespace) -> int:
-    from core.config import get_settings
-    from core.db import session_scope, upgrade
-    from core.tenants import create_key
+def _keys(args: argparse.Namespace) -> int:
+    from cli.keys import run_keys_command
 
-    settings = get_settings()
-    upgrade(settings.database_url)
-    with session_scope(settings.database_url) as session:
-        key = create_key(session=session, tenant_name=args.tenant)
-    print(f"tenant {key.tenant_name} ({key.tenant_id}), key {key.key_id}", file=sys.stderr)
-    print("the secret is shown once; store it now:", file=sys.stderr)
-    print(key.secret)
-    return 0
+    return run_keys_command(args)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -98,11 +89,17 @@ def build_parser() -> argparse.ArgumentParser:
     beat.add_argument("--loglevel", help="default: env ATELIER_LOG_LEVEL, else INFO")
     beat.set_defaults(func=_beat)
 
-    keys = sub.add_parser("keys", help="API keys")
+    keys = sub.add_parser("keys", help="API keys (on the database: run where the server's settings are)")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     create = keys_sub.add_parser("create", help="create an API key for a tenant")
     create.add_argument("--tenant", required=True)
-    create.set_defaults(func=_keys_create)
+    create.add_argument("--name", help="a label for people, e.g. ci or laptop")
+    create.add_argument("--expires-in", metavar="DURATION", help="e.g. 30d, 12h, 2w (default: never)")
+    listing = keys_sub.add_parser("list", help="keys with their state, creation and last use")
+    listing.add_argument("--tenant", help="a tenant's name or id (default: every tenant)")
+    revoke = keys_sub.add_parser("revoke", help="revoke a key: its next request gets 401")
+    revoke.add_argument("key_id", metavar="KEY_ID")
+    keys.set_defaults(func=_keys)
 
     demo = sub.add_parser("demo", help="train a LoRA end to end on the embedded service")
     demo.add_argument("--out", default="atelier-demo", help="folder for the grid and loss curve")
