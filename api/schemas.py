@@ -58,7 +58,7 @@ class JobPublic(BaseModel):
     status: str
     method: str
     base_model: str
-    dataset_id: str
+    dataset_id: str | None  # null once the dataset is deleted
     params: dict[str, Any]
     training: dict[str, Any]
     attempt: int
@@ -203,7 +203,7 @@ class DatasetsPublic(BaseModel):
 class ArtifactPublic(BaseModel):
     id: str
     object: str = "artifact"
-    job_id: str
+    job_id: str | None  # null once the job is deleted (the artifact stays)
     method: str
     base_model: str
     manifest: dict[str, Any]
@@ -263,3 +263,11 @@ class GenerationPublic(BaseModel):
             created_at=iso(gen.created_at),
             finished_at=iso(gen.finished_at),
         )
+
+
+class DeletedPublic(BaseModel):
+    """What DELETE answers, as OpenAI's API does: which object is gone."""
+
+    id: str
+    object: str
+    deleted: Literal[True] = True

@@ -29,6 +29,7 @@ __all__ = [
     "ImageNotFound",
     "StoredImage",
     "decode_data_uri",
+    "generation_prefix",
     "image_exists",
     "image_info",
     "image_key",
@@ -59,6 +60,11 @@ def image_key(tenant_id: str, image_id: str) -> str:
     if not tenant_id or "/" in tenant_id or tenant_id in (".", ".."):
         raise ValueError(f"{tenant_id!r} is not a tenant id")
     return f"tenants/{tenant_id}/images/{image_id}.png"
+
+
+def generation_prefix(tenant_id: str, generation_id: str) -> str:
+    """Where a generation's output images go."""
+    return f"tenants/{tenant_id}/generations/{generation_id}"
 
 
 def read_upload(stream: BinaryIO, *, settings: Settings) -> Image.Image:

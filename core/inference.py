@@ -245,7 +245,7 @@ def run_generation(*, generation_id: str, settings: Settings, storage: Storage) 
         refs = spec.uses()
         rows = {ref.artifact_id: session.get(Artifact, ref.artifact_id) for ref in refs}
     try:
-        from core.generation_images import load_image
+        from core.generation_images import generation_prefix, load_image
 
         uses = []
         for ref in refs:
@@ -257,7 +257,7 @@ def run_generation(*, generation_id: str, settings: Settings, storage: Storage) 
         images = generate_images(spec=spec, uses=uses, settings=settings, storage=storage)
         keys = []
         for index, image in enumerate(images):
-            key = f"tenants/{tenant_id}/generations/{generation_id}/{index}.png"
+            key = f"{generation_prefix(tenant_id, generation_id)}/{index}.png"
             storage.put_bytes(key, _png(image, spec, index), content_type="image/png")
             keys.append(key)
         values: dict[str, Any] = {"status": JobStatus.succeeded, "image_keys": keys}

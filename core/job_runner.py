@@ -37,7 +37,13 @@ class PermanentJobError(Exception):
 
 
 def job_prefix(tenant_id: str, job_id: str) -> str:
+    """Everything a job's attempts write: checkpoints/, samples/, attempt-N/ (the artifact)."""
     return f"tenants/{tenant_id}/jobs/{job_id}"
+
+
+def cached_images_prefix(tenant_id: str, key: str) -> str:
+    """Images derived from a base alone (DreamBooth's class images), shared by a tenant's jobs."""
+    return f"tenants/{tenant_id}/cache/images/{key}"
 
 
 class Heartbeat(threading.Thread):
@@ -165,7 +171,7 @@ class JobHooks:
         reused by later jobs; `index.json` is written last, so a half-written set is never read."""
         from PIL import Image
 
-        prefix = f"tenants/{self.tenant_id}/cache/images/{key}"
+        prefix = cached_images_prefix(self.tenant_id, key)
         try:
             index = json.loads(self.storage.get_bytes(f"{prefix}/index.json"))
         except ObjectNotFound:

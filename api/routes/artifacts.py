@@ -11,7 +11,8 @@ from sqlalchemy import select
 from api.deps import SessionDep, StorageDep, TenantDep
 from api.pagination import page
 from api.routes.files import stream_file
-from api.schemas import ArtifactPublic, ArtifactsPublic
+from api.schemas import ArtifactPublic, ArtifactsPublic, DeletedPublic
+from core import deletion
 from core.artifacts import primary_files
 from core.errors import ApiError, not_found
 from core.exports.formats import PRIMARY, UnknownFormat, resolve_format
@@ -42,6 +43,17 @@ def list_artifacts(
 @router.get("/{artifact_id}", response_model=ArtifactPublic)
 def get_artifact(artifact_id: str, session: SessionDep, tenant_id: TenantDep) -> ArtifactPublic:
     return ArtifactPublic.from_row(get_owned_artifact(session, tenant_id, artifact_id))
+
+
+@router.delete("/{artifact_id}", response_model=DeletedPublic)
+def delete_artifact(
+    artifact_id: str, session: SessionDep, storage: StorageDep, tenant_id: TenantDep
+) -> DeletedPublic:
+    """Delete the artifact's files, exports included; 409 while a queued or running generation
+    uses it."""
+    artifact = get_owned_artifact(session, tenant_id, artifact_id)
+    deletion.delete_artifact(session=session, storage=storage, artifact=artifact)
+    return DeletedPublic(id=artifact_id, object="artifact")
 
 
 @router.get("/{artifact_id}/download")

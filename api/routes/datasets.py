@@ -13,11 +13,12 @@ from sqlalchemy import select
 from api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
 from api.pagination import page
 from api.routes.files import stream_file
-from api.schemas import DatasetPublic, DatasetsPublic
+from api.schemas import DatasetPublic, DatasetsPublic, DeletedPublic
+from core import deletion
 from core.datasets import CONDITIONING_FOLDER, IMAGES_FOLDER, MANIFEST, DatasetRejected, ingest_upload
 from core.errors import ApiError, not_found
 from core.ids import new_id
-from core.models import Dataset, DatasetStatus, Job, JobStatus
+from core.models import Dataset, DatasetStatus
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
@@ -137,20 +138,12 @@ def _image_key(storage: StorageDep, dataset: Dataset, index: int, conditioning: 
     return key
 
 
-@router.delete("/{dataset_id}", status_code=204)
+@router.delete("/{dataset_id}", response_model=DeletedPublic)
 def delete_dataset(
     dataset_id: str, session: SessionDep, storage: StorageDep, tenant_id: TenantDep
-) -> Response:
+) -> DeletedPublic:
+    """Delete the dataset and its files; 409 while a queued or running job trains on it. Finished
+    jobs and their artifacts stay."""
     dataset = get_owned_dataset(session, tenant_id, dataset_id)
-    active = session.scalar(
-        select(Job.id).where(
-            Job.dataset_id == dataset_id, Job.status.in_([JobStatus.queued, JobStatus.running])
-        )
-    )
-    if active:
-        raise ApiError(409, "dataset_in_use", f"dataset {dataset_id} is used by active job {active}")
-    storage.delete_prefix(dataset.storage_prefix + "/")
-    dataset.status = DatasetStatus.invalid
-    dataset.error_code, dataset.error_message = "deleted", "the dataset was deleted"
-    session.commit()
-    return Response(status_code=204)
+    deletion.delete_dataset(session=session, storage=storage, dataset=dataset)
+    return DeletedPublic(id=dataset_id, object="dataset")

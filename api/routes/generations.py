@@ -12,7 +12,8 @@ from PIL import Image
 from api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
 from api.files import file_url
 from api.routes.artifacts import get_owned_artifact
-from api.schemas import GenerationCreate, GenerationPublic
+from api.schemas import DeletedPublic, GenerationCreate, GenerationPublic
+from core import deletion
 from core.base_models import BaseDescription, BaseModelNotAllowed, describe_base
 from core.errors import ApiError, not_found
 from core.generation_images import FileProblem, decode_data_uri, image_exists, image_key, store_image
@@ -154,12 +155,17 @@ def create_generation(
     tenant_id: TenantDep,
 ) -> GenerationPublic:
     decoded = _check(session, settings, storage, tenant_id, body)
-    spec = body.with_images(_store_images(storage, tenant_id, decoded)) if decoded else body
+    stored = _store_images(storage, tenant_id, decoded) if decoded else {}
+    spec = body.with_images(stored) if stored else body
     if spec.seed is None:
         # Drawn here, so the stored request (and each PNG) says how to make its images again.
         spec = spec.model_copy(update={"seed": secrets.randbelow(2**32 - spec.num_images)})
     generation = Generation(
-        id=new_id("gen"), tenant_id=tenant_id, spec=spec.model_dump(mode="json"), status=JobStatus.queued
+        id=new_id("gen"),
+        tenant_id=tenant_id,
+        spec=spec.model_dump(mode="json"),
+        status=JobStatus.queued,
+        input_image_ids=list(stored.values()) or None,
     )
     session.add(generation)
     session.commit()
@@ -173,12 +179,28 @@ def create_generation(
     return GenerationPublic.from_row(generation, [])
 
 
+def get_owned_generation(session: SessionDep, tenant_id: str, generation_id: str) -> Generation:
+    generation = session.get(Generation, generation_id, populate_existing=True)
+    if generation is None or generation.tenant_id != tenant_id:
+        raise not_found("generation", generation_id)
+    return generation
+
+
 @router.get("/{generation_id}", response_model=GenerationPublic)
 def get_generation(
     generation_id: str, request: Request, session: SessionDep, storage: StorageDep, tenant_id: TenantDep
 ) -> GenerationPublic:
-    generation = session.get(Generation, generation_id, populate_existing=True)
-    if generation is None or generation.tenant_id != tenant_id:
-        raise not_found("generation", generation_id)
+    generation = get_owned_generation(session, tenant_id, generation_id)
     urls = [file_url(storage, key, request) for key in generation.image_keys or []]
     return GenerationPublic.from_row(generation, urls)
+
+
+@router.delete("/{generation_id}", response_model=DeletedPublic)
+def delete_generation(
+    generation_id: str, session: SessionDep, storage: StorageDep, tenant_id: TenantDep
+) -> DeletedPublic:
+    """Delete a finished generation's images, and the images it stored from data URIs; 409
+    generation_active while it is queued or running."""
+    generation = get_owned_generation(session, tenant_id, generation_id)
+    deletion.delete_generation(session=session, storage=storage, generation=generation)
+    return DeletedPublic(id=generation_id, object="generation")

@@ -10,13 +10,15 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Request, UploadFile
 
-from api.deps import SettingsDep, StorageDep, TenantDep
+from api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
 from api.files import file_url
-from api.schemas import InputImagePublic
+from api.schemas import DeletedPublic, InputImagePublic
+from core import deletion
 from core.errors import ApiError, not_found
 from core.generation_images import (
     FileProblem,
     ImageNotFound,
+    image_exists,
     image_info,
     image_key,
     read_upload,
@@ -55,3 +57,14 @@ def get_image(image_id: str, request: Request, storage: StorageDep, tenant_id: T
         raise not_found("image", image_id) from None
     url = file_url(storage, image_key(tenant_id, image_id), request)
     return InputImagePublic(id=info.id, width=info.width, height=info.height, url=url)
+
+
+@router.delete("/{image_id}", response_model=DeletedPublic)
+def delete_image(
+    image_id: str, session: SessionDep, storage: StorageDep, tenant_id: TenantDep
+) -> DeletedPublic:
+    """Delete an uploaded image; 409 image_in_use while a queued or running generation uses it."""
+    if not image_exists(image_id, tenant_id, storage):
+        raise not_found("image", image_id)
+    deletion.delete_image(session=session, storage=storage, tenant_id=tenant_id, image_id=image_id)
+    return DeletedPublic(id=image_id, object="image")

@@ -18,8 +18,16 @@ from api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
 from api.files import file_url
 from api.pagination import page
 from api.routes.datasets import get_owned_dataset
-from api.schemas import EventPublic, EventsPublic, JobCreate, JobPlanPublic, JobPublic, JobsPublic
-from core import jobs, url_guard
+from api.schemas import (
+    DeletedPublic,
+    EventPublic,
+    EventsPublic,
+    JobCreate,
+    JobPlanPublic,
+    JobPublic,
+    JobsPublic,
+)
+from core import deletion, jobs, url_guard
 from core.base_models import BaseModelNotAllowed, get_base_model_info
 from core.db import new_session
 from core.errors import ApiError, not_found
@@ -194,6 +202,14 @@ def get_owned_job(session: SessionDep, tenant_id: str, job_id: str) -> Job:
 @router.get("/{job_id}", response_model=JobPublic)
 def get_job(job_id: str, session: SessionDep, tenant_id: TenantDep) -> JobPublic:
     return JobPublic.from_row(get_owned_job(session, tenant_id, job_id))
+
+
+@router.delete("/{job_id}", response_model=DeletedPublic)
+def delete_job(job_id: str, session: SessionDep, storage: StorageDep, tenant_id: TenantDep) -> DeletedPublic:
+    """Delete a finished job: its checkpoints, samples and events (409 job_active while it is queued
+    or running: cancel it first). Its artifact stays; delete it on its own."""
+    deletion.delete_job(session=session, storage=storage, job=get_owned_job(session, tenant_id, job_id))
+    return DeletedPublic(id=job_id, object="job")
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic)
