@@ -103,6 +103,10 @@ class AtelierClient:
         params = {k: v for k, v in params.items() if v is not None}
         return self._json(self.http.get(path, params=params or None))
 
+    def delete(self, collection: str, object_id: str) -> dict[str, Any]:
+        """DELETE /v1/{collection}/{id}: {id, object, deleted: true}."""
+        return self._json(self.http.delete(f"/v1/{collection}/{object_id}"))
+
     # --- datasets ---------------------------------------------------------------------------------
 
     def upload_dataset(self, paths: list[Path], *, name: str | None = None) -> dict[str, Any]:

@@ -1,5 +1,5 @@
 """The HTTP commands `datasets`, `jobs` and `artifacts` (and the runner `generate` shares), all
-through AtelierClient.
+through AtelierClient; each group has `delete`.
 
 Each handler takes the parsed arguments and a client and returns the exit code; `run_http` makes
 the client and turns API problems and connection errors into a message on stderr and exit 1.
@@ -61,6 +61,14 @@ def _has_request(exc: httpx.HTTPError) -> bool:
     except RuntimeError:
         return False
     return True
+
+
+def delete(args: argparse.Namespace, client: AtelierClient) -> int:
+    """`datasets|jobs|artifacts delete ID`: the object and its files in storage."""
+    deleted = client.delete(args.collection, args.id)
+    say(f"{deleted['object']} {deleted['id']} deleted, with its files")
+    emit(deleted["id"])
+    return 0
 
 
 # --- datasets -----------------------------------------------------------------------------------

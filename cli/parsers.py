@@ -38,6 +38,12 @@ def _paging(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--after", help="the last id of the previous page")
 
 
+def _delete(group: argparse._SubParsersAction, conn: list, collection: str, help: str) -> None:
+    parser = _leaf(group, "delete", commands.delete, conn, help)
+    parser.add_argument("id")
+    parser.set_defaults(collection=collection)
+
+
 def _datasets(sub: argparse._SubParsersAction, conn: list) -> None:
     group = sub.add_parser("datasets", help="upload and inspect datasets").add_subparsers(
         dest="datasets_command", required=True
@@ -49,6 +55,7 @@ def _datasets(sub: argparse._SubParsersAction, conn: list) -> None:
     _leaf(group, "show", commands.datasets_show, conn, "a dataset with its validation report").add_argument(
         "id"
     )
+    _delete(group, conn, "datasets", "delete a dataset and its images (refused while a job trains on it)")
 
 
 def _jobs(sub: argparse._SubParsersAction, conn: list) -> None:
@@ -80,6 +87,7 @@ def _jobs(sub: argparse._SubParsersAction, conn: list) -> None:
     listing.add_argument("--status", choices=JOB_STATUSES)
     _paging(listing)
     _leaf(group, "show", commands.jobs_show, conn, "a job as JSON").add_argument("id")
+    _delete(group, conn, "jobs", "delete a finished job: checkpoints, samples, events (not its artifact)")
 
 
 def _artifacts(sub: argparse._SubParsersAction, conn: list) -> None:
@@ -95,6 +103,7 @@ def _artifacts(sub: argparse._SubParsersAction, conn: list) -> None:
     download.add_argument("--all", action="store_true", help="every file of the format, into folder -o")
     _leaf(group, "show", commands.artifacts_show, conn, "an artifact and its manifest").add_argument("id")
     _paging(_leaf(group, "list", commands.artifacts_list, conn, "list artifacts"))
+    _delete(group, conn, "artifacts", "delete an artifact and all its files, exports included")
 
 
 def add_http_commands(sub: argparse._SubParsersAction) -> None:
