@@ -18,6 +18,7 @@ from api.routes import (
     catalog,
     dashboard,
     datasets,
+    docs,
     files,
     generations,
     health,
@@ -119,7 +120,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 def create_app(*, migrate: bool = True) -> FastAPI:
-    app = FastAPI(title="Atelier", version="1.0", lifespan=lifespan if migrate else None)
+    # The default /docs and /redoc load their scripts from CDNs; api/routes/docs.py serves its own.
+    app = FastAPI(
+        title="Atelier",
+        version="1.0",
+        lifespan=lifespan if migrate else None,
+        docs_url=None,
+        redoc_url=None,
+    )
     install_error_handlers(app)
     for module in (
         health,
@@ -132,6 +140,7 @@ def create_app(*, migrate: bool = True) -> FastAPI:
         images,
         files,
         dashboard,
+        docs,
         metrics,
     ):
         app.include_router(module.router)
