@@ -36,10 +36,8 @@ INLINE_SCRIPT = re.compile(r"<script>(.*?)</script>", re.DOTALL)
 def _csp(html: str) -> str:
     """Only our files and the page's own inline script (by hash) may run. Both UIs set inline styles
     (ReDoc's styled-components inject <style> elements) and ReDoc searches in a blob: worker."""
-    hashes = " ".join(
-        "'sha256-{}'".format(base64.b64encode(hashlib.sha256(body.encode()).digest()).decode())
-        for body in INLINE_SCRIPT.findall(html)
-    )
+    digests = (hashlib.sha256(body.encode()).digest() for body in INLINE_SCRIPT.findall(html))
+    hashes = " ".join(f"'sha256-{base64.b64encode(digest).decode()}'" for digest in digests)
     return (
         f"default-src 'self'; script-src 'self' {hashes}; style-src 'self' 'unsafe-inline'; "
         "img-src 'self' data:; font-src 'self' data:; connect-src 'self'; worker-src 'self' blob:; "
