@@ -28,6 +28,7 @@ from core.models import Generation, Job, JobEvent, JobStatus
 from core.storage import Storage, make_storage
 from tests.db_fixtures import ApiTenant, SentTasks, make_api_tenant
 from tests.s3_server import S3Server
+from tests.service_stack import Stack
 from tests.test_api_contract import assert_problem, job_body
 from tests.test_generation_api import data_uri, png
 
@@ -391,3 +392,51 @@ def test_deleting_generations_and_images_and_what_they_use(service: Service) -> 
             "artifact",
         )
     assert service.objects() == empty
+
+
+# --- end to end -----------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_trained_job_deleted_with_the_cli_leaves_an_empty_store(
+    embedded_stack: Stack, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`atelier serve` with its embedded worker trains tiny-sd for two steps (a checkpoint and
+    samples at each); `atelier jobs|artifacts|datasets delete` then leave no file in the store."""
+    from cli.demo import PROMPT, make_dataset_zip
+    from cli.main import main
+
+    embedded_stack.start_api(with_worker=True)
+    client = embedded_stack.client()
+    store = embedded_stack.home / "storage"
+    dataset_id = client.upload_dataset([make_dataset_zip(tmp_path / "ds.zip", count=2)])["id"]
+    body = {
+        "base_model": "tiny-sd",
+        "dataset_id": dataset_id,
+        "params": {"method": "lora", "rank": 4},
+        "training": {
+            "max_steps": 2,
+            "batch_size": 1,
+            "checkpoint_every": 1,
+            "sample_every": 1,
+            "sample_prompts": [PROMPT],
+        },
+    }
+    job = client.wait(client.create_job(body)["id"], timeout_s=600)
+    assert job["status"] == "succeeded", (job["error"], embedded_stack.log("api"))
+    kinds = {p.relative_to(store).parts[4] for p in store.rglob("*") if "jobs" in p.parts and p.is_file()}
+    assert kinds == {"checkpoints", "samples", "attempt-1"}
+
+    connection = ["--url", embedded_stack.base_url, "--api-key", client.http.headers["Authorization"][7:]]
+
+    def atelier(*argv: str) -> int:
+        capsys.readouterr()
+        code = main([*connection, *argv])
+        assert "Traceback" not in capsys.readouterr().err
+        return code
+
+    assert atelier("datasets", "delete", dataset_id) == 0  # the job has finished: allowed
+    assert atelier("jobs", "delete", job["id"]) == 0
+    assert atelier("artifacts", "delete", job["artifact_id"]) == 0
+    assert atelier("jobs", "show", job["id"]) == 1  # 404
+    assert [p for p in store.rglob("*") if p.is_file()] == []
