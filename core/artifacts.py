@@ -105,6 +105,30 @@ def primary_files(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     return [entry for entry in manifest.get("files") or [] if entry.get("name") not in exported]
 
 
+def content_key(manifest: dict[str, Any]) -> str | None:
+    """sha256 over the (name, sha256) of the files generation reads: equal for artifacts with the
+    same content, different as soon as one file differs. None for a manifest without hashes."""
+    entries = []
+    for entry in primary_files(manifest):
+        name, digest = str(entry.get("name", "")), entry.get("sha256")
+        if not name or not isinstance(digest, str):
+            return None
+        entries.append([name, digest])
+    if not entries:
+        return None
+    return hashlib.sha256(json.dumps(sorted(entries)).encode()).hexdigest()
+
+
+def local_copies_root(model_cache: Path) -> Path:
+    return model_cache / "artifacts"
+
+
+def local_copy(model_cache: Path, artifact_id: str, manifest: dict[str, Any]) -> Path:
+    """Where a generate worker keeps an artifact's files (core.inference.artifact_dir): one folder
+    per content (`content_key`), or per artifact id for a manifest without hashes."""
+    return local_copies_root(model_cache) / (content_key(manifest) or artifact_id)
+
+
 def read_manifest(artifact_dir: Path) -> dict[str, Any]:
     path = artifact_dir / MANIFEST_NAME
     if not path.is_file():

@@ -8,8 +8,9 @@ What each deletion takes with it (README, "Deleting"):
   attempts, its events and webhook deliveries, and the DreamBooth class images it generated or
   reused when no other job of the tenant used them. Its artifact stays, as a fine-tuned model
   outlives its fine-tuning job at OpenAI; the artifact's `job_id` becomes null.
-- an artifact: every file (primary, exports, manifest). Refused while a queued or running
-  generation uses it; the job's `artifact_id` becomes null.
+- an artifact: every file (primary, exports, manifest), and the generate workers' copy in the
+  model cache where this process can reach it. Refused while a queued or running generation
+  uses it; the job's `artifact_id` becomes null.
 - a generation (finished only): its images and the images it stored from data URIs.
 - an image (POST /v1/images): the object. Refused while a queued or running generation uses it.
 
@@ -19,6 +20,7 @@ work. Nothing else writes under a finished job's, a finished generation's or an 
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -26,6 +28,8 @@ from typing import Any
 from sqlalchemy import Select, delete, select, update
 from sqlalchemy.orm import Session
 
+from core.artifacts import content_key, local_copy
+from core.config import Settings
 from core.errors import ApiError
 from core.generation_images import generation_prefix, image_key
 from core.inference_params import ArtifactRef, GenerationSpec
@@ -130,7 +134,7 @@ def _cache_keys(events: Iterable[dict[str, Any] | None]) -> set[str]:
 # --- artifacts ----------------------------------------------------------------------------------
 
 
-def delete_artifact(*, session: Session, storage: Storage, artifact: Artifact) -> None:
+def delete_artifact(*, session: Session, storage: Storage, settings: Settings, artifact: Artifact) -> None:
     user = _active_generation(session, artifact.tenant_id, lambda use: use.artifact_id == artifact.id)
     if user is not None:
         raise ApiError(
@@ -143,6 +147,23 @@ def delete_artifact(*, session: Session, storage: Storage, artifact: Artifact) -
     session.execute(update(Job).where(Job.artifact_id == artifact.id).values(artifact_id=None))
     session.delete(artifact)
     session.commit()
+    _forget_local_copy(session, settings, artifact)
+
+
+def _forget_local_copy(session: Session, settings: Settings, artifact: Artifact) -> None:
+    """The copy a generate worker keeps in the model cache, where this process reaches it (the
+    embedded service, or a volume shared with the workers). A copy is per content: one that
+    another artifact, of any tenant, has too stays."""
+    assert settings.model_cache is not None
+    local = local_copy(settings.model_cache, artifact.id, artifact.manifest)
+    if not local.is_dir():
+        return
+    key = content_key(artifact.manifest)
+    if key is not None and any(
+        content_key(manifest) == key for manifest in session.scalars(select(Artifact.manifest))
+    ):
+        return
+    shutil.rmtree(local, ignore_errors=True)
 
 
 # --- generations and their images ---------------------------------------------------------------

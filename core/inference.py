@@ -8,7 +8,6 @@ IP-Adapter needed it, and local copies of artifacts keyed by their content's sha
 from __future__ import annotations
 
 import functools
-import hashlib
 import io
 import json
 import logging
@@ -24,7 +23,14 @@ import torch
 from PIL.PngImagePlugin import PngInfo
 from sqlalchemy import update
 
-from core.artifacts import ArtifactError, primary_files, sha256_file
+from core.artifacts import (
+    ArtifactError,
+    content_key,
+    local_copies_root,
+    local_copy,
+    primary_files,
+    sha256_file,
+)
 from core.config import Settings
 from core.db import session_scope
 from core.inference_params import GenerationSpec
@@ -82,32 +88,17 @@ def image_encoder(cached: CachedBase, settings: Settings) -> Any | None:
     return cached.image_encoder
 
 
-def content_key(manifest: dict[str, Any]) -> str | None:
-    """sha256 over the (name, sha256) of the files generation reads: equal for artifacts with the
-    same content, different as soon as one file differs. None for a manifest without hashes."""
-    entries = []
-    for entry in primary_files(manifest):
-        name, digest = str(entry.get("name", "")), entry.get("sha256")
-        if not name or not isinstance(digest, str):
-            return None
-        entries.append([name, digest])
-    if not entries:
-        return None
-    return hashlib.sha256(json.dumps(sorted(entries)).encode()).hexdigest()
-
-
 def artifact_dir(artifact: Artifact, storage: Storage, settings: Settings) -> Path:
     """The artifact's files on local disk, one copy per content (see `content_key`): identical
     artifacts share it, and an artifact whose files were replaced gets a new one, never the stale."""
     assert settings.model_cache is not None
-    root = settings.model_cache / "artifacts"
+    root = local_copies_root(settings.model_cache)
     key = content_key(artifact.manifest)
+    local = local_copy(settings.model_cache, artifact.id, artifact.manifest)
     if key is None:  # no file hashes to key or check by: a copy per artifact id
-        local = root / artifact.id
         if not (local / "manifest.json").exists():
             download_prefix(storage, artifact.storage_prefix, local)
         return local
-    local = root / key
     if local.is_dir():
         return local
     root.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from core import jobs
+from core.artifacts import local_copy
 from core.config import Settings, get_settings, reset_settings
 from core.db import session_scope
 from core.job_runner import Heartbeat, JobHooks, job_prefix
@@ -311,6 +312,11 @@ def finish_generation(service: Service, generation_id: str, tenant: ApiTenant) -
         row.status, row.image_keys = JobStatus.succeeded, keys
 
 
+def settings_cache(service: Service) -> Path:
+    assert service.settings.model_cache is not None
+    return service.settings.model_cache
+
+
 def make_artifact(service: Service, tenant: ApiTenant, dataset_id: str, method: str) -> str:
     body = job_body(dataset_id, params={"method": method})
     response = service.client.post("/v1/jobs", json=body, headers=tenant.headers)
@@ -385,12 +391,17 @@ def test_deleting_generations_and_images_and_what_they_use(service: Service) -> 
     )
     deleted(service.client.delete(f"/v1/images/{uploaded}", headers=acme.headers), uploaded, "image")
     assert_problem(service.client.get(f"/v1/images/{uploaded}", headers=acme.headers), 404, "image_not_found")
-    for artifact_id in (lora, adapter):
-        deleted(
-            service.client.delete(f"/v1/artifacts/{artifact_id}", headers=acme.headers),
-            artifact_id,
-            "artifact",
-        )
+    # The generate worker's copy of the weights, shared by both artifacts (the same files), goes
+    # with the last of them.
+    manifest = service.client.get(f"/v1/artifacts/{lora}", headers=acme.headers).json()["manifest"]
+    copy = local_copy(settings_cache(service), lora, manifest)
+    assert copy == local_copy(settings_cache(service), adapter, manifest)
+    copy.mkdir(parents=True)
+    (copy / "pytorch_lora_weights.safetensors").write_bytes(b"weights")
+    deleted(service.client.delete(f"/v1/artifacts/{lora}", headers=acme.headers), lora, "artifact")
+    assert copy.is_dir()
+    deleted(service.client.delete(f"/v1/artifacts/{adapter}", headers=acme.headers), adapter, "artifact")
+    assert not copy.exists()
     assert service.objects() == empty
 
 

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import RedirectResponse, Response
 from sqlalchemy import select
 
-from api.deps import SessionDep, StorageDep, TenantDep
+from api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
 from api.pagination import page
 from api.routes.files import stream_file
 from api.schemas import ArtifactPublic, ArtifactsPublic, DeletedPublic
@@ -47,12 +47,12 @@ def get_artifact(artifact_id: str, session: SessionDep, tenant_id: TenantDep) ->
 
 @router.delete("/{artifact_id}", response_model=DeletedPublic)
 def delete_artifact(
-    artifact_id: str, session: SessionDep, storage: StorageDep, tenant_id: TenantDep
+    artifact_id: str, session: SessionDep, settings: SettingsDep, storage: StorageDep, tenant_id: TenantDep
 ) -> DeletedPublic:
     """Delete the artifact's files, exports included; 409 while a queued or running generation
     uses it."""
     artifact = get_owned_artifact(session, tenant_id, artifact_id)
-    deletion.delete_artifact(session=session, storage=storage, artifact=artifact)
+    deletion.delete_artifact(session=session, storage=storage, settings=settings, artifact=artifact)
     return DeletedPublic(id=artifact_id, object="artifact")
 
 
