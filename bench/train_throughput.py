@@ -2,11 +2,13 @@
 
 Both sides train the same method on the same base, data, seed, batch size and precision, in one
 process. The reference (bench/reference_loops.py) does what the method's diffusers example script
-does: VAE- and text-encode every batch, plain (foreach) AdamW, `loss.item()` every step. Atelier's
-side is the real `core.training.loop.train` with a JobSpec for the method (latents and frozen
-embeddings cached once, fused AdamW, channels_last on CUDA, no per-step host syncs). Reports images/s
-for each and the ratio; timing starts after warm-up steps on both sides. DreamBooth's class images
-are made up front and handed to both sides, so neither pays for generating them.
+does: VAE-encode every batch, text-encode it where the script does, autocast on the trained module
+only (as accelerate), torch's default AdamW, `loss.item()` every step; its docstring says how each
+loop matches its script and where it differs. Atelier's side is the real `core.training.loop.train`
+with a JobSpec for the method (latents and frozen embeddings cached once, fused AdamW, channels_last
+on CUDA, no per-step host syncs). Reports images/s for each and the ratio; timing starts after
+warm-up steps on both sides. DreamBooth's class images are made up front and handed to both sides,
+so neither pays for generating them.
 
     python bench/train_throughput.py --method lora --base tiny-sd --threads 1     # CPU, tiny base
     python bench/train_throughput.py --method controlnet --size sd15 --batch-size 8
