@@ -67,6 +67,10 @@ class Settings(BaseSettings):
     job_time_limit_s: int = 24 * 3600
     queued_redispatch_s: float = 120.0  # a queued job older than this with no claim is re-sent
     reap_interval_s: float = 30.0
+    # SIGTERM/SIGINT: a worker's running job stops at its next progress report (a few seconds) and is
+    # handed back; a process still busy after this long is killed (its job handed back all the same).
+    # Keep a container's stop grace period above it (docker-compose.yml stop_grace_period).
+    shutdown_grace_s: float = 20.0
 
     # Webhooks (core/webhooks.py): retries back off base * factor^(n-1), jittered, capped; a delivery
     # fails for good after max attempts (about 20 hours with the defaults).

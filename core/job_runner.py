@@ -27,6 +27,14 @@ from core.storage import ObjectNotFound, Storage, download_prefix, upload_dir
 
 log = logging.getLogger(__name__)
 
+# Set in a worker's pool process when its worker shuts down (worker/lifecycle.py, from a signal
+# handler): the attempt stops at the loop's next report point and hands the job back.
+_shutdown = threading.Event()
+
+
+def request_shutdown() -> None:
+    _shutdown.set()
+
 
 class PermanentJobError(Exception):
     """Retrying cannot help (bad data, incompatible base): the job fails at once with `code`."""
@@ -112,6 +120,8 @@ class JobHooks:
 
         if self.heartbeat.stop_reason:
             raise StopTraining(self.heartbeat.stop_reason)
+        if _shutdown.is_set():
+            raise StopTraining("shutdown")
 
     def should_report(self, step: int) -> bool:
         return time.monotonic() - self._last_report >= min(self.settings.heartbeat_s, 2.0)
@@ -259,6 +269,9 @@ def _attempt(
         storage.delete_prefix(attempt_prefix + "/")
         if stop.reason == "canceled":
             return _finish(settings, job.id, attempt, JobStatus.canceled)
+        if stop.reason == "shutdown":
+            log.info("job %s attempt %s stopped: the worker is shutting down", job.id, attempt)
+            return hand_back(settings=settings, job_id=job.id, attempt=attempt)
         log.warning("job %s attempt %s lost its lease; stopping", job.id, attempt)
         return "lease_lost"
     except jobs.LeaseLost:
@@ -376,3 +389,26 @@ def _release(settings: Settings, job_id: str, attempt: int, code: str, message: 
     if status == JobStatus.queued:
         send_train(job_id)
     return str(status)
+
+
+def hand_back(*, settings: Settings, job_id: str, attempt: int) -> str:
+    """Give a running attempt back because its worker stops: queued again at once and re-sent, so
+    the next worker resumes it from its newest checkpoint."""
+    from worker.app import send_train
+
+    try:
+        with session_scope(settings.database_url) as session:
+            status = jobs.hand_back(session=session, job_id=job_id, attempt=attempt, reason="worker_shutdown")
+    except jobs.LeaseLost:
+        return "lease_lost"
+    if status != JobStatus.queued:
+        return str(status)
+    try:
+        send_train(job_id)
+    except Exception:
+        # The broker is down: the reaper re-sends queued jobs whose message may be lost.
+        log.warning("job %s handed back but not re-sent; the reaper re-sends it", job_id, exc_info=True)
+        return "handed_back"
+    with session_scope(settings.database_url) as session:
+        jobs.mark_dispatched(session=session, job_id=job_id)
+    return "handed_back"

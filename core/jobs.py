@@ -332,6 +332,41 @@ def release(*, session: Session, job_id: str, attempt: int, error_code: str, err
     return JobStatus.queued
 
 
+def hand_back(*, session: Session, job_id: str, attempt: int, reason: str) -> JobStatus:
+    """The attempt's worker is shutting down: running → queued at once, to resume from the newest
+    checkpoint on the next worker, rather than waiting for the reaper. A shutdown is not the job's
+    fault, so it gives the attempt back (`max_attempts` grows by one). Canceled when cancellation
+    was requested meanwhile. Raises LeaseLost when the attempt no longer owns the job."""
+    result = session.execute(
+        update(Job)
+        .where(_fenced(job_id, attempt), Job.cancel_requested.is_(False))
+        .values(
+            status=JobStatus.queued,
+            max_attempts=Job.max_attempts + 1,
+            lease_expires_at=None,
+            worker_id=None,
+            dispatched_at=None,
+            updated_at=utcnow(),
+        )
+    )
+    if result.rowcount == 0:
+        # The lease is gone (finish() raises LeaseLost) or a cancel is pending: honour it now.
+        session.rollback()
+        finish(session=session, job_id=job_id, attempt=attempt, status=JobStatus.canceled)
+        return JobStatus.canceled
+    add_event(session=session, job_id=job_id, attempt=attempt, type="requeued", data={"reason": reason})
+    session.commit()
+    return JobStatus.queued
+
+
+def running_on(*, session: Session, worker_ids: list[str]) -> list[tuple[str, int]]:
+    """(job id, attempt) of the jobs these worker processes hold."""
+    rows = session.execute(
+        select(Job.id, Job.attempt).where(Job.status == JobStatus.running, Job.worker_id.in_(worker_ids))
+    )
+    return [(job_id, int(attempt)) for job_id, attempt in rows]
+
+
 def request_cancel(*, session: Session, job: Job) -> Job:
     """queued → canceled at once; running → flag read by the worker at its next heartbeat."""
     now = utcnow()
