@@ -24,8 +24,7 @@ def _keys(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from cli.server import run_api
 
-    run_api(host=args.host, port=args.port, with_worker=not args.no_worker)
-    return 0
+    return run_api(host=args.host, port=args.port, with_worker=not args.no_worker)
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -42,6 +41,7 @@ def _worker(args: argparse.Namespace) -> int:
         max_tasks_per_child=args.max_tasks_per_child or None,
         beat=args.beat,
         loglevel=logging.getLevelName(log_level(args.loglevel)),
+        parent_pid=args.parent_pid,
     )
     return 0
 
@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("ATELIER_METRICS_PORT", 0),  # a string is converted (and checked) by type
         help="serve GPU memory metrics for Prometheus on this port (env ATELIER_METRICS_PORT; 0: off)",
     )
+    # Set by `serve` for its embedded workers: stop when that process dies.
+    worker.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
     worker.set_defaults(func=_worker)
 
     beat = sub.add_parser("beat", help="run the reaper schedule")

@@ -50,6 +50,9 @@ def make_celery(settings: Settings) -> Celery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         task_time_limit=settings.job_time_limit_s,
+        # How long a dead pool process's result is waited for (default 10 s, also at shutdown). Results
+        # are ignored here: the job row is the truth.
+        worker_lost_wait=2.0,
         task_serializer="json",
         accept_content=["json"],
         task_ignore_result=True,

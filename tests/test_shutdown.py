@@ -1,0 +1,250 @@
+"""Every Atelier process ends cleanly on SIGTERM or SIGINT (design.md §10): within a bound, with no
+process of its tree left, and with its running training job handed back (queued again at once) to
+resume from its newest checkpoint. Real processes on the embedded stack (tests/service_stack.py).
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from sqlalchemy import select
+
+from cli.client import AtelierClient
+from cli.demo import make_dataset_zip
+from core import jobs
+from core.db import session_scope
+from core.models import Job, JobEvent, JobStatus
+from tests.service_stack import Stack
+from tests.test_job_states import new_job
+from worker.lifecycle import EX_SOFTWARE
+
+# Each process's bound after a signal: the worker's grace is not reached (a running attempt stops at
+# its next progress report, every second here); most of the time is Celery's own shutdown.
+BOUND_S = 30.0
+
+
+# --- handing a job back (core.jobs), in-process on SQLite and PostgreSQL ------------------------------
+
+
+def test_hand_back_queues_the_job_without_spending_an_attempt(db_url: str) -> None:
+    machine = new_job(db_url, max_attempts=1)
+    attempt = machine.run(jobs.claim, worker_id="host:41", lease_s=60)
+    with session_scope(db_url) as session:
+        assert jobs.running_on(session=session, worker_ids=["host:41", "host:42"]) == [
+            (machine.job_id, attempt)
+        ]
+        assert jobs.running_on(session=session, worker_ids=["other:41"]) == []
+    assert machine.run(jobs.hand_back, attempt=attempt, reason="worker_shutdown") == JobStatus.queued
+    row = machine.row()
+    assert (row.status, row.max_attempts, row.worker_id, row.lease_expires_at) == ("queued", 2, None, None)
+    assert machine.events()[-1] == ("requeued", 1)
+    # Its last attempt was handed back, so it can still run: once more, fenced by a new attempt.
+    assert machine.run(jobs.claim, worker_id="host:43", lease_s=60) == 2
+    with pytest.raises(jobs.LeaseLost):
+        machine.run(jobs.hand_back, attempt=1, reason="worker_shutdown")
+
+
+def test_hand_back_honours_a_pending_cancel(db_url: str) -> None:
+    machine = new_job(db_url)
+    attempt = machine.run(jobs.claim, worker_id="host:41", lease_s=60)
+    machine.set(cancel_requested=True)
+    assert machine.run(jobs.hand_back, attempt=attempt, reason="worker_shutdown") == JobStatus.canceled
+    assert machine.row().status == "canceled"
+
+
+# --- real processes ----------------------------------------------------------------------------------
+
+
+def _tree(pid: int) -> list[psutil.Process]:
+    root = psutil.Process(pid)
+    return [root, *root.children(recursive=True)]
+
+
+def _gone(process: psutil.Process) -> bool:
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE  # exited; its reaper may be slow
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _wait_gone(tree: list[psutil.Process], since: float, bound_s: float = BOUND_S) -> float:
+    """Seconds from `since` until every process of `tree` has exited; fails past the bound."""
+    while time.monotonic() - since < bound_s:
+        if all(_gone(p) for p in tree):
+            return time.monotonic() - since
+        time.sleep(0.05)
+    left = [(p.pid, p.cmdline()[-4:]) for p in tree if not _gone(p)]
+    raise AssertionError(f"still running {bound_s:.0f} s after the signal: {left}")
+
+
+def _job_body(dataset_id: str) -> dict[str, Any]:
+    # Long enough to be mid-training at the signal (tiny-sd trains tens of steps a second).
+    training = {"max_steps": 400, "checkpoint_every": 10, "learning_rate": 1e-3, "batch_size": 1, "seed": 1}
+    return {
+        "base_model": "tiny-sd",
+        "dataset_id": dataset_id,
+        "params": {"method": "lora", "rank": 4, "alpha": 4},
+        "training": training,
+    }
+
+
+def _start_job(client: AtelierClient, tmp_path: Path) -> str:
+    dataset = client.upload_dataset([make_dataset_zip(tmp_path / "data.zip", count=4)])["id"]
+    return client.create_job(_job_body(dataset))["id"]
+
+
+def _job(stack: Stack, job_id: str) -> Job:
+    """The row itself: the API may be down."""
+    with session_scope(stack.database_url) as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        session.expunge(job)
+        return job
+
+
+def _events(stack: Stack, job_id: str) -> list[JobEvent]:
+    with session_scope(stack.database_url) as session:
+        events = list(
+            session.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id))
+        )
+        session.expunge_all()
+        return events
+
+
+def _wait_checkpoint(stack: Stack, job_id: str, logs: str) -> int:
+    deadline = time.monotonic() + 240
+    while not (step := _job(stack, job_id).checkpoint_step):
+        assert time.monotonic() < deadline, f"no checkpoint\n{stack.log(logs)}"
+        time.sleep(0.2)
+    return step
+
+
+def _pool_process(worker: subprocess.Popen) -> psutil.Process:
+    """The worker's pool process that runs the job (the one that loaded torch)."""
+    children = psutil.Process(worker.pid).children()
+    return max(children, key=lambda p: p.memory_info().rss)
+
+
+def _assert_handed_back(stack: Stack, job_id: str, attempt: int) -> None:
+    """Queued again at once (not reaped after its lease), without spending an attempt."""
+    job = _job(stack, job_id)
+    assert job.status == "queued", (job.status, job.error_code)
+    assert job.max_attempts == 3 + attempt
+    requeued = [e for e in _events(stack, job_id) if e.type == "requeued" and e.attempt == attempt]
+    assert [e.data for e in requeued] == [{"reason": "worker_shutdown"}]
+
+
+def _assert_resumed(client: AtelierClient, job_id: str, *, from_step: int, logs: str) -> None:
+    final = client.wait(job_id, timeout_s=300)
+    assert final["status"] == "succeeded", (final["error"], logs)
+    manifest = client.artifact(final["artifact_id"])["manifest"]
+    assert manifest["metrics"]["resumed_from_step"] >= from_step
+    resumed = [
+        e for e in client.get(f"/v1/jobs/{job_id}/events", limit=1000)["data"] if e["type"] == "resumed"
+    ]
+    assert [e["data"]["from_step"] for e in resumed] == [manifest["metrics"]["resumed_from_step"]]
+    artifacts = [a for a in client.get("/v1/artifacts", limit=100)["data"] if a["job_id"] == job_id]
+    assert [a["id"] for a in artifacts] == [final["artifact_id"]]
+
+
+def _same_key(client: AtelierClient, stack: Stack) -> AtelierClient:
+    """The client for a restarted API (a new port), with the same key."""
+    key = client.http.headers["Authorization"].removeprefix("Bearer ")
+    return AtelierClient(stack.base_url, key)
+
+
+@pytest.mark.slow
+def test_serve_stops_its_workers_and_hands_the_job_back(embedded_stack: Stack, tmp_path: Path) -> None:
+    stack = embedded_stack
+    stack.start_api(with_worker=True)
+    client = stack.client()
+    job_id = _start_job(client, tmp_path)
+    step = _wait_checkpoint(stack, job_id, "api")
+    serve = stack.processes["api"]
+    tree = _tree(serve.pid)
+    assert len(tree) >= 5  # serve, two workers, their pool processes (and the beat)
+
+    signalled = time.monotonic()
+    serve.send_signal(signal.SIGTERM)
+    took = _wait_gone(tree, signalled)
+    print(f"serve and its {len(tree) - 1} processes gone {took:.1f} s after SIGTERM")
+    assert serve.wait() == 0
+    _assert_handed_back(stack, job_id, attempt=1)
+
+    stack.start_api(with_worker=True)
+    _assert_resumed(_same_key(client, stack), job_id, from_step=step, logs=stack.log("worker"))
+    assert _job(stack, job_id).attempt == 2
+
+
+@pytest.mark.slow
+def test_worker_whose_pool_process_was_killed_stops_in_time(embedded_stack: Stack, tmp_path: Path) -> None:
+    """billiard once hung for minutes at exit when the pool's process had died; the job is reaped
+    (its process is gone, so its lease expires) and resumed by the next workers."""
+    stack = embedded_stack
+    stack.start_api()
+    worker = stack.start_train_worker("worker-1")
+    client = stack.client()
+    job_id = _start_job(client, tmp_path)
+    step = _wait_checkpoint(stack, job_id, "worker-1")
+    _pool_process(worker).kill()
+    time.sleep(1)  # the pool notices its lost process and starts another
+    tree = _tree(worker.pid)
+
+    signalled = time.monotonic()
+    worker.send_signal(signal.SIGTERM)
+    took = _wait_gone(tree, signalled)
+    print(f"worker gone {took:.1f} s after SIGTERM (its pool process had been killed)")
+
+    stack.start_workers()  # a training worker, and the reaper's schedule
+    _assert_resumed(client, job_id, from_step=step, logs=stack.log("worker"))
+
+
+@pytest.mark.slow
+def test_sigint_then_a_second_signal_forces_the_worker(embedded_stack: Stack, tmp_path: Path) -> None:
+    """SIGINT stops a worker like SIGTERM. Its pool process is frozen here, so it cannot hand the job
+    back; the second signal does not wait for the (long) grace: the worker kills the pool process,
+    hands its job back itself and exits."""
+    stack = embedded_stack
+    stack.env["ATELIER_SHUTDOWN_GRACE_S"] = "120"
+    stack.start_api()
+    worker = stack.start_train_worker("worker-1")
+    client = stack.client()
+    job_id = _start_job(client, tmp_path)
+    step = _wait_checkpoint(stack, job_id, "worker-1")
+    pool = _pool_process(worker)
+    pool.suspend()
+    tree = _tree(worker.pid)
+
+    signalled = time.monotonic()
+    worker.send_signal(signal.SIGINT)
+    time.sleep(2)
+    assert worker.poll() is None and _job(stack, job_id).status == "running"
+    worker.send_signal(signal.SIGINT)
+    took = _wait_gone(tree, signalled, bound_s=15)
+    print(f"worker gone {took:.1f} s after SIGINT (second one 2 s later)")
+    assert worker.wait() == EX_SOFTWARE
+    _assert_handed_back(stack, job_id, attempt=1)
+
+    stack.start_train_worker("worker-2")
+    _assert_resumed(client, job_id, from_step=step, logs=stack.log("worker-2"))
+
+
+def test_beat_stops_at_once(embedded_stack: Stack) -> None:
+    stack = embedded_stack
+    stack._spawn("beat", "beat")
+    deadline = time.monotonic() + 60
+    while "Starting..." not in stack.log("beat"):
+        assert time.monotonic() < deadline, stack.log("beat")
+        time.sleep(0.2)
+    beat = stack.processes["beat"]
+    tree = _tree(beat.pid)
+    signalled = time.monotonic()
+    beat.send_signal(signal.SIGTERM)
+    _wait_gone(tree, signalled, bound_s=10)
+    assert beat.wait() == 0
