@@ -248,3 +248,19 @@ def test_beat_stops_at_once(embedded_stack: Stack) -> None:
     beat.send_signal(signal.SIGTERM)
     _wait_gone(tree, signalled, bound_s=10)
     assert beat.wait() == 0
+
+
+@pytest.mark.slow
+def test_killed_serve_leaves_no_worker_behind(embedded_stack: Stack) -> None:
+    """SIGKILL can't be handled: the workers learn of it from Linux (PR_SET_PDEATHSIG) and stop."""
+    stack = embedded_stack
+    stack.start_api(with_worker=True)
+    serve = stack.processes["api"]
+    deadline = time.monotonic() + 60
+    while len(tree := _tree(serve.pid)) < 5:  # the workers and their pool processes have started
+        assert time.monotonic() < deadline, tree
+        time.sleep(0.2)
+    signalled = time.monotonic()
+    serve.kill()
+    took = _wait_gone(tree, signalled)
+    print(f"the workers of a killed serve gone {took:.1f} s later")
