@@ -264,3 +264,28 @@ def test_killed_serve_leaves_no_worker_behind(embedded_stack: Stack) -> None:
     serve.kill()
     took = _wait_gone(tree, signalled)
     print(f"the workers of a killed serve gone {took:.1f} s later")
+
+
+@pytest.mark.services
+@pytest.mark.slow
+def test_worker_on_the_full_stack_hands_the_job_back(full_stack: Stack, tmp_path: Path) -> None:
+    """The same over Redis, PostgreSQL and S3, where Celery's loop is event-driven: the handed-back job
+    is not lost with the stopping worker's connection and resumes on the next worker."""
+    stack = full_stack
+    stack.start_api()
+    worker = stack.start_train_worker("worker-1")
+    stack.wait_consuming("worker-1")
+    client = stack.client()
+    job_id = _start_job(client, tmp_path)
+    step = _wait_checkpoint(stack, job_id, "worker-1")
+    tree = _tree(worker.pid)
+
+    signalled = time.monotonic()
+    worker.send_signal(signal.SIGTERM)
+    took = _wait_gone(tree, signalled)
+    print(f"full-stack worker gone {took:.1f} s after SIGTERM")
+    assert worker.wait() == 0
+    _assert_handed_back(stack, job_id, attempt=1)
+
+    stack.start_train_worker("worker-2")
+    _assert_resumed(client, job_id, from_step=step, logs=stack.log("worker-2"))
