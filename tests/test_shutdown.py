@@ -206,29 +206,33 @@ def test_worker_whose_pool_process_was_killed_stops_in_time(embedded_stack: Stac
 
 
 @pytest.mark.slow
-def test_sigint_then_a_second_signal_forces_the_worker(embedded_stack: Stack, tmp_path: Path) -> None:
-    """SIGINT stops a worker like SIGTERM. Its pool process is frozen here, so it cannot hand the job
-    back; the second signal does not wait for the (long) grace: the worker kills the pool process,
-    hands its job back itself and exits."""
+@pytest.mark.parametrize("force", ["second_signal", "grace_over"])
+def test_a_stuck_pool_process_is_killed_and_its_job_handed_back(
+    embedded_stack: Stack, tmp_path: Path, force: str
+) -> None:
+    """The pool process is frozen here, so it cannot hand its job back. A second signal (Ctrl+C
+    twice) does not wait for the grace; otherwise the grace running out ends it: the worker kills the
+    pool process, hands its job back itself and exits."""
     stack = embedded_stack
-    stack.env["ATELIER_SHUTDOWN_GRACE_S"] = "120"
+    stack.env["ATELIER_SHUTDOWN_GRACE_S"] = "120" if force == "second_signal" else "3"
     stack.start_api()
     worker = stack.start_train_worker("worker-1")
     client = stack.client()
     job_id = _start_job(client, tmp_path)
     step = _wait_checkpoint(stack, job_id, "worker-1")
-    pool = _pool_process(worker)
-    pool.suspend()
+    _pool_process(worker).suspend()
     tree = _tree(worker.pid)
 
     signalled = time.monotonic()
     worker.send_signal(signal.SIGINT)
     time.sleep(2)
     assert worker.poll() is None and _job(stack, job_id).status == "running"
-    worker.send_signal(signal.SIGINT)
+    if force == "second_signal":
+        worker.send_signal(signal.SIGINT)
     took = _wait_gone(tree, signalled, bound_s=15)
-    print(f"worker gone {took:.1f} s after SIGINT (second one 2 s later)")
-    assert worker.wait() == EX_SOFTWARE
+    print(f"worker gone {took:.1f} s after SIGINT ({force})")
+    if force == "second_signal":
+        assert worker.wait() == EX_SOFTWARE
     _assert_handed_back(stack, job_id, attempt=1)
 
     stack.start_train_worker("worker-2")
@@ -268,9 +272,13 @@ def test_killed_serve_leaves_no_worker_behind(embedded_stack: Stack) -> None:
 
 @pytest.mark.services
 @pytest.mark.slow
-def test_worker_on_the_full_stack_hands_the_job_back(full_stack: Stack, tmp_path: Path) -> None:
-    """The same over Redis, PostgreSQL and S3, where Celery's loop is event-driven: the handed-back job
-    is not lost with the stopping worker's connection and resumes on the next worker."""
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_worker_on_the_full_stack_hands_the_job_back(
+    full_stack: Stack, tmp_path: Path, sig: signal.Signals
+) -> None:
+    """A standalone worker over Redis, PostgreSQL and S3, where Celery's loop is event-driven: the
+    handed-back job is not lost with the stopping worker's connection and resumes on the next
+    worker. SIGINT (Ctrl+C) does what SIGTERM does."""
     stack = full_stack
     stack.start_api()
     worker = stack.start_train_worker("worker-1")
@@ -281,9 +289,9 @@ def test_worker_on_the_full_stack_hands_the_job_back(full_stack: Stack, tmp_path
     tree = _tree(worker.pid)
 
     signalled = time.monotonic()
-    worker.send_signal(signal.SIGTERM)
+    worker.send_signal(sig)
     took = _wait_gone(tree, signalled)
-    print(f"full-stack worker gone {took:.1f} s after SIGTERM")
+    print(f"full-stack worker gone {took:.1f} s after {sig.name}")
     assert worker.wait() == 0
     _assert_handed_back(stack, job_id, attempt=1)
 
