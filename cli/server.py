@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 
@@ -49,6 +49,12 @@ class EmbeddedWorkers:
         self.processes: list[subprocess.Popen] = []
         self.deadline: float | None = None
 
+    def add(self, process: subprocess.Popen) -> None:
+        self.processes.append(process)
+        if self.deadline is not None:  # a signal came while the workers were starting
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGTERM)
+
     def signal_all(self, sig: signal.Signals) -> None:
         for process in self.processes:
             if process.poll() is None:
@@ -79,7 +85,7 @@ class EmbeddedWorkers:
 
 
 @contextlib.contextmanager
-def _shutdown_signals(on_signal) -> Iterator[None]:  # type: ignore[no-untyped-def]
+def _shutdown_signals(on_signal: Callable[[int, FrameType | None], None]) -> Iterator[None]:
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
@@ -141,10 +147,8 @@ def _start_embedded_workers(settings: Settings, workers: EmbeddedWorkers) -> Non
     log_file = settings.home / "worker.log"
     # Training gets a fresh process per job; generation and the reaper keep theirs, so the reaper
     # still runs while a long job trains.
-    workers.processes.append(
-        spawn_worker(queues="train", beat=False, max_tasks_per_child=1, log_file=log_file)
-    )
-    workers.processes.append(
+    workers.add(spawn_worker(queues="train", beat=False, max_tasks_per_child=1, log_file=log_file))
+    workers.add(
         spawn_worker(queues="generate,maintenance", beat=True, max_tasks_per_child=0, log_file=log_file)
     )
     log.info("embedded workers started, log %s", log_file)

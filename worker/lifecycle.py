@@ -106,7 +106,8 @@ class WorkerShutdown:
         threading.Thread(target=self._enforce, name="shutdown-watchdog", daemon=True).start()
 
     def _enforce(self) -> None:
-        """Runs only while the worker outlives its grace: a clean exit ends this daemon thread."""
+        """Acts only if the worker is still alive after the grace or at a second signal; a clean exit
+        ends this daemon thread before that."""
         if not self._force.wait(self.settings.shutdown_grace_s):
             log.warning("the shutdown grace of %.0f s is over", self.settings.shutdown_grace_s)
         # Processes started since the signal (a pool replacing a finished child) are ours too.
@@ -117,7 +118,7 @@ class WorkerShutdown:
         self._hand_back(pids)
         if not self._force.is_set():
             self._force.wait(EXIT_AFTER_KILL_S)
-        log.warning("the worker did not exit by itself; exiting now")
+        log.warning("exiting now")
         logging.shutdown()
         os._exit(EX_SOFTWARE)
 
@@ -144,13 +145,15 @@ def _back_to_the_queue(message: Any) -> None:
 
 
 class PoolProcessSignal:
-    """SIGTERM in a pool process: the running attempt stops at its next report and hands its job
-    back. SIGALRM's default action bounds the rest, also when no parent is left to kill it; a
-    second SIGTERM ends the process at once."""
+    """SIGTERM in a pool process while it runs a task: a training attempt stops at its next report
+    and hands its job back. SIGALRM's default action bounds the rest, also when no parent is left to
+    kill it; a second SIGTERM ends the process at once. Between tasks billiard's handler (exit at
+    once) applies; billiard installs it after the process starts, so ours goes in per task."""
 
     def __init__(self, grace_s: float) -> None:
         self.grace_s = grace_s
         self.received = False
+        self._idle: Any = None
 
     def __call__(self, signum: int, frame: object) -> None:
         from core.job_runner import request_shutdown
@@ -161,12 +164,18 @@ class PoolProcessSignal:
         request_shutdown()
         signal.alarm(math.ceil(self.grace_s + EXIT_AFTER_KILL_S))
 
+    def task_started(self, **_: object) -> None:
+        self._idle = signal.signal(signal.SIGTERM, self)
+
+    def task_ended(self, **_: object) -> None:
+        if self._idle is not None and not self.received:
+            signal.signal(signal.SIGTERM, self._idle)
+
 
 def install(settings: Settings) -> WorkerShutdown:
     """Connect the shutdown behaviour to Celery's signals; call before `worker_main`."""
     shutdown = WorkerShutdown(settings)
     during_task = PoolProcessSignal(settings.shutdown_grace_s)
-    idle_handler: list[object] = []
 
     def on_shutting_down(sig: str = "SIGTERM", **_: object) -> None:
         shutdown.on_signal(sig)  # sent by Celery's handler, in the main process only
@@ -177,19 +186,10 @@ def install(settings: Settings) -> WorkerShutdown:
     def on_pool_process(**_: object) -> None:
         die_with_parent(parent=os.getppid())
 
-    # billiard installs its own SIGTERM handler (exit at once) after the pool process starts; while a
-    # task runs, ours lets it end cleanly instead.
-    def on_task_start(**_: object) -> None:
-        idle_handler[:] = [signal.signal(signal.SIGTERM, during_task)]
-
-    def on_task_end(**_: object) -> None:
-        if idle_handler and not during_task.received:
-            signal.signal(signal.SIGTERM, idle_handler.pop())  # type: ignore[arg-type]
-
-    # weak=False: nothing else keeps these closures alive.
+    # weak=False: nothing else keeps these receivers alive.
     worker_shutting_down.connect(on_shutting_down, weak=False)
     worker_ready.connect(on_ready, weak=False)
     worker_process_init.connect(on_pool_process, weak=False)
-    task_prerun.connect(on_task_start, weak=False)
-    task_postrun.connect(on_task_end, weak=False)
+    task_prerun.connect(during_task.task_started, weak=False)
+    task_postrun.connect(during_task.task_ended, weak=False)
     return shutdown
