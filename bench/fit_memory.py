@@ -36,6 +36,17 @@ from core.training import memory
 
 GIB = 1024**3
 IMAGES = 4  # bench/realsize.py trains on four images
+# Methods whose backward keeps the same kinds of tensors share constants: one fit over all their
+# runs is better determined than one per method (the adapters differ in a few small layers only).
+GROUPS = {
+    "lora": "adapter",
+    "hypernetwork": "adapter",
+    "ip_adapter": "adapter",
+    "textual_inversion": "textual_inversion",  # gradients reach the text encoders too
+    "dreambooth": "dreambooth",
+    "controlnet": "controlnet",
+}
+SCALED = {"dreambooth", "controlnet"}
 
 
 def spec_of(run: dict[str, Any]) -> JobSpec:
@@ -63,25 +74,43 @@ def measured_activations(run: dict[str, Any]) -> tuple[float, memory.Activations
     return live / samples, memory.activation_sums(spec, arch, run["resolution"]), samples
 
 
+def _solve(rows: list[list[float]], targets: list[float]) -> np.ndarray:
+    matrix = np.array(rows, dtype=np.float64)
+    used = matrix.any(axis=0)  # no text column unless text encoders carried gradients
+    solution = np.zeros(3)
+    if used.any():
+        found, *_ = np.linalg.lstsq(matrix[:, used], np.array(targets), rcond=None)
+        solution[used] = np.clip(found, 0.0, None)
+    return solution
+
+
 def fit(runs: list[dict[str, Any]]) -> dict[tuple[str, bool], memory.Coefficients]:
+    """Free constants for the adapters and Textual Inversion; DreamBooth and ControlNet (measured
+    on fewer, smaller runs here) as one factor on the adapters' constants, so that their share of
+    resnet and transformer activations stays the physical one when extrapolated to SDXL."""
     groups: dict[tuple[str, bool], list[dict[str, Any]]] = defaultdict(list)
     for run in runs:
-        groups[(run["method"], run["gradient_checkpointing"])].append(run)
-    fitted = {}
-    for key, group in sorted(groups.items()):
+        groups[(GROUPS[run["method"]], run["gradient_checkpointing"])].append(run)
+    solved: dict[tuple[str, bool], np.ndarray] = {}
+    for (name, checkpointing), group in sorted(groups.items(), key=lambda item: item[0][0] != "adapter"):
         rows, targets = [], []
         for run in group:
             per_sample, sums, _ = measured_activations(run)
             rows.append([sums.resnet, sums.transformer, sums.text])
             targets.append(per_sample)
-        matrix = np.array(rows, dtype=np.float64)
-        used = matrix.any(axis=0)  # no text column unless text encoders carried gradients
-        solution = np.zeros(3)
-        if used.any():
-            found, *_ = np.linalg.lstsq(matrix[:, used], np.array(targets), rcond=None)
-            solution[used] = np.clip(found, 0.0, None)
-        fitted[key] = memory.Coefficients(*(round(float(v), 3) for v in solution))
-    return fitted
+        reference = solved.get(("adapter", checkpointing))
+        if name in SCALED and reference is not None:
+            basis = np.array(rows) @ reference
+            factor = max(float(basis @ np.array(targets)) / float(basis @ basis), 0.0)
+            solved[(name, checkpointing)] = reference * factor
+        else:
+            solved[(name, checkpointing)] = _solve(rows, targets)
+    return {
+        (method, checkpointing): memory.Coefficients(*(round(float(v), 3) for v in solution))
+        for (name, checkpointing), solution in solved.items()
+        for method, group in GROUPS.items()
+        if group == name
+    }
 
 
 def table(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -89,6 +118,7 @@ def table(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for run in runs:
         spec, arch = spec_of(run), KNOWN[SIZES[run["size"]]]
         predicted = memory.estimate(spec, arch, device=run["device"], images=IMAGES)
+        per_sample, _, samples = measured_activations(run)
         steps = [run.get("peak_setup_and_step_1_bytes") or 0, run.get("peak_step_bytes") or 0]
         measured = max(steps)
         rows.append(
@@ -100,6 +130,8 @@ def table(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "measured_gib": round(measured / GIB, 3),
                 "predicted_gib": round(predicted.peak_bytes / GIB, 3),
                 "error_pct": round(100 * (predicted.peak_bytes - measured) / measured, 1),
+                "activations_measured_mib": round(per_sample * samples / 2**20),
+                "activations_predicted_mib": round(predicted.parts["activations"] / 2**20),
             }
         )
     return rows
@@ -120,12 +152,13 @@ def main(argv: list[str] | None = None) -> None:
         for (method, checkpointing), k in fitted.items():
             print(f"    ({method!r}, {checkpointing}): {k!r},")
         print("}")
-    print("| size | method | px | checkpointing | measured GiB | predicted GiB | error |")
-    print("|---|---|---|---|---|---|---|")
+    print("| size | method | px | ckpt | peak GiB | predicted | error | activations MiB measured/predicted |")
+    print("|---|---|---|---|---|---|---|---|")
     for row in table(runs):
         print(
             f"| {row['size']} | {row['method']} | {row['resolution']} | {row['checkpointing']} | "
-            f"{row['measured_gib']} | {row['predicted_gib']} | {row['error_pct']:+}% |"
+            f"{row['measured_gib']} | {row['predicted_gib']} | {row['error_pct']:+}% | "
+            f"{row['activations_measured_mib']} / {row['activations_predicted_mib']} |"
         )
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import sys
 import tempfile
@@ -101,6 +102,17 @@ class RealsizeRun:
     report: dict[str, Any]
 
 
+def encoder_bytes(folder: Path | None) -> int:
+    """The image encoder as IP-Adapter keeps it: every parameter in fp32."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in folder.glob("*.safetensors") if folder else []:
+        with safe_open(str(path), "pt") as handle:
+            total += sum(math.prod(handle.get_slice(key).get_shape()) for key in handle.keys())  # noqa: SIM118
+    return 4 * total
+
+
 def sized_settings(size: str, cache: Path) -> tuple[str, Any]:
     """(model id, Settings) under which `load_base` finds the random-weight `size` base."""
     from core.config import Settings
@@ -151,9 +163,14 @@ def run_job(
     load_s = time.perf_counter() - started
     items = make_items(4, resolution, seed=0, conditioning=method == "controlnet")
     class_images = [item.image for item in make_items(CLASS_IMAGES, resolution, seed=1)]
-    baseline = module_bytes(base.unet, base.vae, base.text_encoder, base.text_encoder_2)
+    components = [base.unet, base.vae, base.text_encoder, base.text_encoder_2]
+    loaded = module_bytes(*components)
+    weights = [t for m in components if m is not None for t in (*m.parameters(), *m.buffers())]
+    # IP-Adapter loads its fp32 image encoder inside the job with from_pretrained, whose tensors
+    # come from safetensors outside the dispatcher: counted from its file instead.
+    untracked = encoder_bytes(base.image_encoder_path) if method == "ip_adapter" else 0
     forward_end: list[int] = []
-    with PeakMemory(device, baseline=baseline) as probe:
+    with PeakMemory(device, baseline=untracked, watch=weights) as probe:
         hooks = ProbeHooks(probe, class_images)
         # Live bytes when the UNet's forward returns: every activation saved for backward (plus
         # weights and optimizer state) is alive then, before gradients start to replace them.
@@ -176,7 +193,8 @@ def run_job(
         "gradient_checkpointing": spec.training.gradient_checkpointing,
         "optimizer": spec.training.optimizer,
         "precision": spec.training.mixed_precision,
-        "weights_loaded_bytes": baseline,
+        "weights_loaded_bytes": loaded,
+        "untracked_bytes": untracked,
         "peak_setup_and_step_1_bytes": hooks.peaks.get("setup_and_step_1"),
         "peak_step_bytes": hooks.peaks.get("step_2"),
         "peak_job_bytes": probe.overall,

@@ -6,7 +6,9 @@ shares is a new allocation, and a finalizer on that storage subtracts it when it
 sees is exactly the tensors an op returns (activations, saved tensors, gradients, optimizer state,
 autocast copies), which is what `max_memory_allocated` counts on a GPU, less the scratch space
 inside fused kernels that a GPU allocator also sees. Storages alive before the probe started are
-its `baseline`, given by the caller (the weights it loaded); they are not watched.
+either given to it to `watch` (the weights the caller loaded: counted, and subtracted when freed)
+or a fixed `baseline` of bytes. Tensors a loader creates outside the dispatcher (safetensors reads
+in `from_pretrained`) are not seen on the CPU; the caller adds those.
 """
 
 from __future__ import annotations
@@ -50,6 +52,21 @@ class _CpuTracker(TorchDispatchMode):
     def _freed(self, nbytes: int) -> None:
         self.live -= nbytes
 
+    def watch(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Count storages that exist already (loaded weights) as live, and subtract them when they
+        are freed: casting a loaded fp32 model to bf16 then shows as the drop it is."""
+        for tensor in tensors:
+            if tensor.device.type == "meta":
+                continue
+            storage = tensor.untyped_storage()
+            if storage in self._seen:
+                continue
+            nbytes = storage.nbytes()
+            self._seen[storage] = nbytes
+            self.live += nbytes
+            weakref.finalize(storage, self._freed, nbytes)
+        self.peak = max(self.peak, self.live)
+
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
         inputs = {
@@ -74,12 +91,15 @@ class _CpuTracker(TorchDispatchMode):
 
 class PeakMemory:
     """`with PeakMemory(device, baseline=...) as probe: ...` then `probe.peak` (bytes): the most
-    tensor memory live at once inside the block. On the CPU `baseline` (bytes already live, e.g. the
-    loaded weights) is added; on CUDA the allocator's own absolute count is used."""
+    tensor memory live at once inside the block. On the CPU the `watch`ed tensors and `baseline`
+    bytes count as live from the start; on CUDA the allocator's own absolute count is used."""
 
-    def __init__(self, device: torch.device, *, baseline: int = 0) -> None:
+    def __init__(
+        self, device: torch.device, *, baseline: int = 0, watch: Iterable[torch.Tensor] = ()
+    ) -> None:
         self.device = device
         self.baseline = baseline
+        self._watch = list(watch)
         self._tracker: _CpuTracker | None = None
         self.peak = 0  # since the last reset_peak
         self.overall = 0  # across resets: the whole block
@@ -90,7 +110,9 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
             self._tracker = _CpuTracker()
+            self._tracker.watch(self._watch)
             self._tracker.__enter__()
+        self._watch = []
         return self
 
     def __exit__(self, *exc: object) -> None:
