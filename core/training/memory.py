@@ -393,9 +393,22 @@ class Coefficients:
 
 
 # (method, gradient checkpointing) -> coefficients; see the module docstring for how they were fitted.
+# Fitted by bench/fit_memory.py on 42 real steps (bench/realsize.py, CPU, bf16 autocast: SD1.5 at
+# 128/256/512 px, SDXL at 128/256/512 px, every method, with and without checkpointing); the adapters
+# share one fit, DreamBooth and ControlNet are one factor on it (see that script's docstring).
 ACTIVATION_COEFFICIENTS: dict[tuple[str, bool], Coefficients] = {
-    ("lora", False): Coefficients(resnet=4.0, transformer=30.0, text=30.0),
-    ("lora", True): Coefficients(resnet=1.0, transformer=4.0, text=30.0),
+    ("lora", False): Coefficients(resnet=4.278, transformer=59.693, text=0.0),
+    ("hypernetwork", False): Coefficients(resnet=4.278, transformer=59.693, text=0.0),
+    ("ip_adapter", False): Coefficients(resnet=4.278, transformer=59.693, text=0.0),
+    ("lora", True): Coefficients(resnet=5.304, transformer=0.0, text=0.0),
+    ("hypernetwork", True): Coefficients(resnet=5.304, transformer=0.0, text=0.0),
+    ("ip_adapter", True): Coefficients(resnet=5.304, transformer=0.0, text=0.0),
+    ("dreambooth", False): Coefficients(resnet=4.943, transformer=68.977, text=0.0),
+    ("dreambooth", True): Coefficients(resnet=5.25, transformer=0.0, text=0.0),
+    ("textual_inversion", False): Coefficients(resnet=8.946, transformer=39.071, text=28.364),
+    ("textual_inversion", True): Coefficients(resnet=5.097, transformer=0.0, text=2.127),
+    ("controlnet", False): Coefficients(resnet=3.529, transformer=49.248, text=0.0),
+    ("controlnet", True): Coefficients(resnet=5.978, transformer=0.0, text=0.0),
 }
 # Tensors of (encode chunk x pixels x the VAE's first width) the fp32 VAE keeps alive at once while
 # encoding (and, one image at a time, decoding samples and class images).
