@@ -427,7 +427,13 @@ def _role(
                 check()
         finally:
             process.send_signal(signal.SIGTERM)
-            process.wait(timeout=20)
+            try:
+                # The stop bound: the shutdown grace (20 s) and 5 s more (README, "Stopping").
+                process.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+                raise
     lines = [line for line in err.read_text().splitlines() if line.startswith("{")]
     return [json.loads(line) for line in lines]
 
