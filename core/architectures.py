@@ -246,19 +246,19 @@ def hub_architecture(repo_id: str) -> Architecture | None:
 
 def read_folder(folder: Path) -> Architecture | None:
     """The architecture of a diffusers pipeline folder from its JSON configs, or None."""
-    index = _read_json(folder / "model_index.json")
-    unet = _read_json(folder / "unet" / "config.json")
-    vae = _read_json(folder / "vae" / "config.json")
+    index = read_json(folder / "model_index.json")
+    unet = read_json(folder / "unet" / "config.json")
+    vae = read_json(folder / "vae" / "config.json")
     if index is None or unet is None or vae is None:
         return None
-    family: Family = "sdxl" if str(index.get("_class_name", "")).startswith("StableDiffusionXL") else "sd"
+    family = pipeline_family(index)
     encoders = tuple(
         config
         for name in ("text_encoder", "text_encoder_2")
-        if (config := _read_json(folder / name / "config.json")) is not None
+        if (config := read_json(folder / name / "config.json")) is not None
     )
-    scheduler = _read_json(folder / "scheduler" / "scheduler_config.json") or {}
-    image = _read_json(folder / "image_encoder" / "config.json")
+    scheduler = read_json(folder / "scheduler" / "scheduler_config.json") or {}
+    image = read_json(folder / "image_encoder" / "config.json")
     return Architecture(
         name=folder.name,
         family=family,
@@ -270,7 +270,12 @@ def read_folder(folder: Path) -> Architecture | None:
     )
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def pipeline_family(model_index: dict[str, Any]) -> Family:
+    """SDXL or SD, from a folder's model_index.json."""
+    return "sdxl" if str(model_index.get("_class_name", "")).startswith("StableDiffusionXL") else "sd"
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):

@@ -12,12 +12,19 @@ Sources (Settings.base_models, id -> source):
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from core.architectures import KNOWN, Architecture, Family, hub_architecture, read_folder
+from core.architectures import (
+    KNOWN,
+    Architecture,
+    Family,
+    hub_architecture,
+    pipeline_family,
+    read_folder,
+    read_json,
+)
 
 SourceKind = Literal["builtin", "hf", "storage", "local"]
 
@@ -124,12 +131,12 @@ def architecture_for(model_id: str, settings: Any) -> Architecture | None:
 
 def describe_folder(folder: Path) -> tuple[Family | None, int | None]:
     """Family and native resolution of a diffusers pipeline folder, from its JSON configs only."""
-    index = _read_json(folder / "model_index.json")
+    index = read_json(folder / "model_index.json")
     if index is None:
         return None, None
-    family: Family = "sdxl" if str(index.get("_class_name", "")).startswith("StableDiffusionXL") else "sd"
-    unet = _read_json(folder / "unet" / "config.json") or {}
-    vae = _read_json(folder / "vae" / "config.json") or {}
+    family = pipeline_family(index)
+    unet = read_json(folder / "unet" / "config.json") or {}
+    vae = read_json(folder / "vae" / "config.json") or {}
     sample_size, blocks = unet.get("sample_size"), vae.get("block_out_channels")
     if not isinstance(sample_size, int) or not blocks:
         return family, None
@@ -141,12 +148,12 @@ def architecture_of_folder(folder: Path) -> dict[str, Any] | None:
     """A small signature of what an artifact's tensors must fit, from the folder's JSON configs:
     the UNet's channel widths and cross-attention width, and each text encoder's width. SD 1.x and
     2.x share a family but not this (768 vs 1024 wide); two SD 1.5 fine-tunes share both."""
-    unet = _read_json(folder / "unet" / "config.json")
+    unet = read_json(folder / "unet" / "config.json")
     if unet is None or "block_out_channels" not in unet:
         return None
     widths = []
     for name in ("text_encoder", "text_encoder_2"):
-        config = _read_json(folder / name / "config.json")
+        config = read_json(folder / name / "config.json")
         if config is not None and "hidden_size" in config:
             widths.append(config["hidden_size"])
     return {
@@ -175,10 +182,3 @@ def describe_base(model_id: str, settings: Any) -> BaseDescription:
         return BaseDescription(model_id, info.family, architecture_of_folder(Path(value)))
     arch = architecture_for(model_id, settings)
     return BaseDescription(model_id, info.family, arch.signature() if arch else None)
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
