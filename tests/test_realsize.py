@@ -22,6 +22,8 @@ from __future__ import annotations
 import gc
 import json
 import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +109,14 @@ def _generate_with_and_without(
     again = _latents(pipe)  # every undo ran: the cached pipeline is the plain base again
     assert torch.equal(again, plain), "the pipeline was not restored after the artifact"
     return plain, adapted
+
+
+@pytest.fixture(autouse=True)
+def _free_disk(tmp_path: Path) -> Iterator[None]:
+    """Each job leaves gigabytes (DreamBooth: an fp32 UNet, its checkpoint export): delete them
+    when the test ends instead of leaving them to pytest's retained temporary folders."""
+    yield
+    shutil.rmtree(tmp_path, ignore_errors=True)
 
 
 def _reset_peak_rss() -> None:
