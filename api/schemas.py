@@ -10,6 +10,7 @@ from core.fitting import JobFit
 from core.inference_params import GenerationSpec
 from core.methods.params import JobSpec
 from core.models import Artifact, Dataset, Generation, Job, JobEvent
+from core.phases import PHASES
 from core.timeutil import iso
 from core.url_guard import MAX_URL_LENGTH
 from core.webhooks import DEFAULT_EVENTS, WebhookEvent, WebhookTarget
@@ -45,6 +46,18 @@ class Progress(BaseModel):
     images_per_s: float | None
     it_per_s: float | None
     eta_s: float | None
+    phase: str | None = Field(
+        default=None,
+        description="What the running attempt is doing, in this order (a job skips those it does not "
+        f"need): {', '.join(PHASES)}; null until the attempt reports its first phase",
+    )
+    phase_done: int | None = Field(
+        default=None,
+        description="Units of the phase done: pre-training steps (building_base), files "
+        "(downloading_base, uploading), models (loading_base), images (generating_class_images, "
+        "caching_latents), optimizer steps (training), 0 or 1 (exporting)",
+    )
+    phase_total: int | None = Field(default=None, description="Units the phase has in all")
 
 
 class ErrorInfo(BaseModel):
@@ -105,6 +118,9 @@ class JobPublic(BaseModel):
                 images_per_s=job.images_per_s,
                 it_per_s=it_s,
                 eta_s=eta,
+                phase=job.phase,
+                phase_done=job.phase_done,
+                phase_total=job.phase_total,
             ),
             checkpoint_step=job.checkpoint_step,
             error=ErrorInfo(code=job.error_code, message=job.error_message) if job.error_code else None,

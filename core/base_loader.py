@@ -31,6 +31,7 @@ from core.base_models import (
 log = logging.getLogger(__name__)
 
 FetchPrefix = Callable[[str, Path], None]  # (storage prefix, empty local folder) -> files in it
+PhaseCallback = Callable[[str, int, int], None]  # (phase, done, total): see core.training.progress
 MARKER = "atelier_base.json"  # written last into a cached folder: no marker, not complete
 # Enough of a hub repo to run the pipeline: configs, tokenizers and the default safetensors
 # weights, never the .ckpt / .bin / fp16 duplicates some repos also carry.
@@ -99,8 +100,16 @@ def image_encoder_folder(path: Path, settings: Any) -> Path | None:
     return Path(configured) if configured else None
 
 
-def ensure_local(model_id: str, *, settings: Any, fetch_prefix: FetchPrefix | None = None) -> Path:
-    """The local diffusers folder for an allowed base, building or fetching it on first use."""
+def ensure_local(
+    model_id: str,
+    *,
+    settings: Any,
+    fetch_prefix: FetchPrefix | None = None,
+    on_phase: PhaseCallback | None = None,
+) -> Path:
+    """The local diffusers folder for an allowed base, building or fetching it on first use.
+    `on_phase` hears of a build (`building_base`) or a hub download (`downloading_base`); a
+    `fetch_prefix` reports its own download."""
     kind, value = split_source(get_base_model_info(model_id, settings).source)
     if kind == "local":
         folder = Path(value)
@@ -108,10 +117,15 @@ def ensure_local(model_id: str, *, settings: Any, fetch_prefix: FetchPrefix | No
             raise BaseModelUnavailable(model_id, f"{folder} is not a diffusers folder (no model_index.json)")
         return folder
     if kind == "hf":
-        return _hf_snapshot(model_id, value)
+        if on_phase is not None:
+            on_phase("downloading_base", 0, 1)  # the hub client counts bytes only on its own bar
+        folder = _hf_snapshot(model_id, value)
+        if on_phase is not None:
+            on_phase("downloading_base", 1, 1)
+        return folder
     cache = Path(settings.model_cache)
     if kind == "builtin":
-        return _ensure_builtin(model_id, value, cache)
+        return _ensure_builtin(model_id, value, cache, on_phase)
     if fetch_prefix is None:
         raise BaseModelUnavailable(model_id, "a storage: source needs a fetch_prefix to download it")
     return _materialise(
@@ -119,17 +133,22 @@ def ensure_local(model_id: str, *, settings: Any, fetch_prefix: FetchPrefix | No
     )
 
 
-def _ensure_builtin(model_id: str, name: str, cache: Path) -> Path:
+def _ensure_builtin(model_id: str, name: str, cache: Path, on_phase: PhaseCallback | None = None) -> Path:
     from core.tiny.build import NAMES, RECIPE, build
 
     if name not in NAMES:
         raise BaseModelUnavailable(model_id, f"no built-in base {name!r}; built-ins: {', '.join(NAMES)}")
     # Cached by built-in name, not by id: aliases share one build, and tiny-sdxl finds tiny-sd.
-    vae_dir = _ensure_builtin(model_id, "tiny-sd", cache) / "vae" if name == "tiny-sdxl" else None
+    vae_dir = _ensure_builtin(model_id, "tiny-sd", cache, on_phase) / "vae" if name == "tiny-sdxl" else None
+
+    def building(done: int, total: int) -> None:
+        if on_phase is not None:
+            on_phase("building_base", done, total)
+
     return _materialise(
         cache / name,
         {"source": f"builtin:{name}", "recipe": RECIPE},
-        lambda folder: build(name, folder, vae_dir=vae_dir),
+        lambda folder: build(name, folder, vae_dir=vae_dir, on_progress=building),
     )
 
 
@@ -203,21 +222,31 @@ def load_base(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | Mapping[str, torch.dtype] = torch.float32,
     fetch_prefix: FetchPrefix | None = None,
+    on_phase: PhaseCallback | None = None,
 ) -> BaseModels:
     """Every component of the base, separately, for training. `dtype` is one dtype for all, or one
     per component name (`unet`, `vae`, `text_encoder`, `text_encoder_2`; missing names: fp32), so
-    frozen components load straight into bf16 instead of passing through an fp32 copy."""
+    frozen components load straight into bf16 instead of passing through an fp32 copy. `on_phase`
+    hears of a build or download (see `ensure_local`), then `loading_base` per model loaded."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    path = ensure_local(model_id, settings=settings, fetch_prefix=fetch_prefix)
+    path = ensure_local(model_id, settings=settings, fetch_prefix=fetch_prefix, on_phase=on_phase)
     family = describe_folder(path)[0] or "sd"
+    sdxl = family == "sdxl"
+    models, loaded = (4 if sdxl else 3), 0
+    if on_phase is not None:
+        on_phase("loading_base", 0, models)
 
     def model(cls: Any, subfolder: str, dtype_arg: str) -> Any:
+        nonlocal loaded
         wanted = dtype.get(subfolder, torch.float32) if isinstance(dtype, Mapping) else dtype
-        return cls.from_pretrained(path, subfolder=subfolder, **{dtype_arg: wanted}).to(device)
+        module = cls.from_pretrained(path, subfolder=subfolder, **{dtype_arg: wanted}).to(device)
+        loaded += 1
+        if on_phase is not None:
+            on_phase("loading_base", loaded, models)
+        return module
 
-    sdxl = family == "sdxl"
     return BaseModels(
         model_id=model_id,
         family=family,

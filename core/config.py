@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     max_attempts: int = 3
     lease_s: float = 60.0
     heartbeat_s: float = 5.0
+    # A job's progress (its phase and done/total, its step) is written within this long of a change
+    # and never more often: one row update per interval, however fast images or steps go by.
+    progress_interval_s: float = Field(0.5, gt=0)
     job_time_limit_s: int = 24 * 3600
     queued_redispatch_s: float = 120.0  # a queued job older than this with no claim is re-sent
     reap_interval_s: float = 30.0

@@ -56,7 +56,9 @@ def cached_images_prefix(tenant_id: str, key: str) -> str:
 
 class Heartbeat(threading.Thread):
     """Renews the lease every `heartbeat_s` for the whole attempt, also while models load or latents
-    are cached, and carries the newest progress. The loop reads `stop_reason` at its report points."""
+    are cached, and writes the newest progress: within `progress_interval_s` of a change, and never
+    more often (a phase reports every image; the row is written a couple of times a second at most).
+    The loop reads `stop_reason` at its report points."""
 
     def __init__(self, *, settings: Settings, job_id: str, attempt: int) -> None:
         super().__init__(name=f"heartbeat-{job_id}", daemon=True)
@@ -66,6 +68,12 @@ class Heartbeat(threading.Thread):
         self.progress: dict[str, Any] = {}
         self.stop_reason: str | None = None
         self._done = threading.Event()
+        self._changed = threading.Event()
+
+    def report(self, **fields: Any) -> None:
+        """Merge `fields` (jobs.heartbeat's progress arguments) into what the next write carries."""
+        self.progress = {**self.progress, **fields}
+        self._changed.set()
 
     def beat(self) -> None:
         try:
@@ -89,11 +97,25 @@ class Heartbeat(threading.Thread):
         self._context.run(self._beat_until_stopped)
 
     def _beat_until_stopped(self) -> None:
-        while not self._done.wait(self.settings.heartbeat_s):
+        written = time.monotonic()
+        while True:
+            self._changed.wait(self.settings.heartbeat_s)  # a change, or time to renew the lease
+            hold = written + self.settings.progress_interval_s - time.monotonic()
+            if self._done.wait(max(hold, 0.0)):
+                return
+            self._changed.clear()
             self.beat()
+            written = time.monotonic()
+
+    def flush(self) -> None:
+        """Write the newest progress now: the attempt is about to finish, and a finished job's row
+        takes no more heartbeats."""
+        self._changed.clear()
+        self.beat()
 
     def stop(self) -> None:
         self._done.set()
+        self._changed.set()
 
 
 class JobHooks:
@@ -114,6 +136,7 @@ class JobHooks:
         self.checkpoint_key, self.checkpoint_step = job.checkpoint_key, job.checkpoint_step
         self.heartbeat, self.workdir = heartbeat, workdir
         self._last_report = 0.0
+        self._phase: str | None = None
 
     def _stop_if_asked(self) -> None:
         from core.training.progress import StopTraining
@@ -128,8 +151,22 @@ class JobHooks:
 
     def progress(self, *, step: int, total: int, loss: float, images_per_s: float) -> None:
         self._last_report = time.monotonic()
-        self.heartbeat.progress = {"step": step, "loss": loss, "images_per_s": images_per_s}
+        self.heartbeat.report(step=step, loss=loss, images_per_s=images_per_s)
+        self.phase("training", done=step, total=total)
+
+    def phase(self, name: str, *, done: int, total: int) -> None:
+        """Every call reaches the heartbeat, which bounds the writes; entering a phase is also an
+        event (a few per attempt), so the order of phases survives however briefly each lasted."""
+        if name != self._phase:
+            self._phase = name
+            log.info("job %s entered %s", self.job_id, name, extra={"phase": name, "total": total})
+            self._event("phase", {"phase": name, "total": total})
+        self.heartbeat.report(phase=name, phase_done=done, phase_total=total)
         self._stop_if_asked()
+
+    def on_phase(self, name: str, done: int, total: int) -> None:
+        """`phase` as the positional callback the base loader and storage helpers take."""
+        self.phase(name, done=done, total=total)
 
     def save_checkpoint(self, *, step: int, folder: Path) -> None:
         prefix = f"{job_prefix(self.tenant_id, self.job_id)}/checkpoints/step-{step:08d}"
@@ -261,6 +298,7 @@ def _attempt(
     attempt_prefix = f"{job_prefix(job.tenant_id, job.id)}/attempt-{attempt}"
     try:
         artifact = _train_and_store(settings, storage, job, dataset, hooks, workdir, attempt_prefix)
+        hooks.heartbeat.flush()  # the upload's final count, which the heartbeat may be holding back
         outcome = _finish(settings, job.id, attempt, JobStatus.succeeded, artifact=artifact)
         if outcome == "lease_lost":
             storage.delete_prefix(attempt_prefix + "/")  # another attempt owns the job now
@@ -326,7 +364,10 @@ def _train_and_store(
         settings=settings,
         device=device,
         dtype=component_dtypes(spec.params, precision),
-        fetch_prefix=functools.partial(download_prefix, storage),
+        fetch_prefix=functools.partial(
+            download_prefix, storage, on_progress=functools.partial(hooks.on_phase, "downloading_base")
+        ),
+        on_phase=hooks.on_phase,
     )
     result = train(
         spec=spec,
@@ -344,8 +385,15 @@ def _train_and_store(
     # The manifest goes last: a reader that finds it knows every file it names is complete. Set
     # aside rather than copying the artifact (gigabytes for DreamBooth) to leave it out.
     manifest_path.unlink()
-    upload_dir(storage, result.artifact_dir, prefix)
+    files = sum(1 for path in result.artifact_dir.rglob("*") if path.is_file()) + 1  # and the manifest
+    upload_dir(
+        storage,
+        result.artifact_dir,
+        prefix,
+        on_progress=lambda done, _: hooks.phase("uploading", done=done, total=files),
+    )
     storage.put_bytes(f"{prefix}/{MANIFEST_NAME}", manifest_bytes, content_type="application/json")
+    hooks.phase("uploading", done=files, total=files)
     return jobs.ArtifactRecord(storage_prefix=prefix, manifest=manifest)
 
 

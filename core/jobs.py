@@ -177,6 +177,10 @@ def claim(*, session: Session, job_id: str, worker_id: str, lease_s: float) -> i
             worker_id=worker_id,
             started_at=now,
             updated_at=now,
+            # A new attempt starts over from its first phase (step stays: it resumes from a checkpoint).
+            phase=None,
+            phase_done=None,
+            phase_total=None,
         )
         .returning(Job.attempt)
     ).first()
@@ -202,12 +206,17 @@ def heartbeat(
     step: int | None = None,
     loss: float | None = None,
     images_per_s: float | None = None,
+    phase: str | None = None,
+    phase_done: int | None = None,
+    phase_total: int | None = None,
 ) -> bool:
     """Renew the lease and record progress; returns whether cancellation was requested."""
     now = utcnow()
     values: dict[str, Any] = {"lease_expires_at": now + timedelta(seconds=lease_s), "updated_at": now}
     if step is not None:
         values.update(step=step, loss=loss, images_per_s=images_per_s)
+    if phase is not None:
+        values.update(phase=phase, phase_done=phase_done, phase_total=phase_total)
     row = session.execute(
         update(Job).where(_fenced(job_id, attempt)).values(**values).returning(Job.cancel_requested)
     ).first()

@@ -106,6 +106,10 @@ class Job(Base):
     total_steps: Mapped[int] = mapped_column(Integer, default=0)
     loss: Mapped[float | None] = mapped_column(Float)
     images_per_s: Mapped[float | None] = mapped_column(Float)
+    # The attempt's current phase (core.phases.PHASES) and its done/total, in its units.
+    phase: Mapped[str | None] = mapped_column(String(40))
+    phase_done: Mapped[int | None] = mapped_column(Integer)
+    phase_total: Mapped[int | None] = mapped_column(Integer)
     checkpoint_step: Mapped[int | None] = mapped_column(Integer)
     checkpoint_key: Mapped[str | None] = mapped_column(String(300))
     error_code: Mapped[str | None] = mapped_column(String(60))

@@ -74,25 +74,47 @@ def _folder_prefix(prefix: str, *, allow_root: bool) -> str:
     return _check_key(prefix.removesuffix("/")) + "/"
 
 
-def upload_dir(storage: Storage, local_dir: Path, prefix: str) -> list[str]:
-    """Upload every file below local_dir under prefix; returns the keys in upload order."""
-    keys = []
-    for path in sorted(p for p in local_dir.rglob("*") if p.is_file()):
+def upload_dir(
+    storage: Storage,
+    local_dir: Path,
+    prefix: str,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> list[str]:
+    """Upload every file below local_dir under prefix; returns the keys in upload order.
+    `on_progress(done, total)` counts files."""
+    paths = sorted(p for p in local_dir.rglob("*") if p.is_file())
+    keys: list[str] = []
+    for path in paths:
+        if on_progress is not None:
+            on_progress(len(keys), len(paths))
         key = f"{prefix.rstrip('/')}/{path.relative_to(local_dir).as_posix()}"
         storage.put_file(key, path)
         keys.append(key)
+    if on_progress is not None:
+        on_progress(len(keys), len(paths))
     return keys
 
 
-def download_prefix(storage: Storage, prefix: str, local_dir: Path) -> list[Path]:
-    """Download every object under prefix into local_dir, keeping relative paths."""
+def download_prefix(
+    storage: Storage,
+    prefix: str,
+    local_dir: Path,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> list[Path]:
+    """Download every object under prefix into local_dir, keeping relative paths;
+    `on_progress(done, total)` counts files."""
     prefix = prefix.rstrip("/") + "/"
-    paths = []
-    for key in storage.list(prefix):
+    keys = list(storage.list(prefix))
+    paths: list[Path] = []
+    for key in keys:
+        if on_progress is not None:
+            on_progress(len(paths), len(keys))
         dest = local_dir / key[len(prefix) :]
         dest.parent.mkdir(parents=True, exist_ok=True)
         storage.get_file(key, dest)
         paths.append(dest)
+    if on_progress is not None:
+        on_progress(len(paths), len(keys))
     return paths
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -23,6 +24,7 @@ import torch
 from core.methods.base import Trainable
 from core.methods.params import DreamBoothParams, TrainingParams
 from core.training.caching import Batch, CaptionedImage, TrainingItem, TrainingSet
+from core.training.progress import phase_reporter
 
 if TYPE_CHECKING:
     from core.generation_context import ArtifactUse, GenerationContext
@@ -108,24 +110,38 @@ class DreamBoothTrainable(Trainable):
             return TrainingSet(instance)
         params, pipe = self.params, self.pipeline()
         scheduler = type(pipe.scheduler).__name__
+
+        def make(count: int) -> list[Any]:
+            made = phase_reporter(hooks, "generating_class_images", total=count)
+            return self.class_images(pipe, count, resolution, on_progress=made)
+
         images = hooks.cached_images(
             key=class_images_key(self.base.fingerprint, params, resolution, scheduler=scheduler),
             count=params.num_class_images,
-            make=lambda count: self.class_images(pipe, count, resolution),
+            make=make,
         )
         prior = [TrainingItem(image, (params.class_prompt,)) for image in images]
         return TrainingSet(instance, prior=prior)
 
     @torch.no_grad()
-    def class_images(self, pipe: Any, count: int, resolution: int) -> list[Any]:
+    def class_images(
+        self,
+        pipe: Any,
+        count: int,
+        resolution: int,
+        on_progress: Callable[[int, int], None] | None = None,
+    ) -> list[Any]:
         """`count` images of the class prompt by `pipe` over the base as it is now (before any step);
         image i comes from seed CLASS_SEED + i, whatever the chunking. The loop calls this under its
-        autocast, which reconciles frozen low-precision text encoders with the fp32 UNet."""
+        autocast, which reconciles frozen low-precision text encoders with the fp32 UNet.
+        `on_progress(done, count)` runs before the first chunk and after each."""
         pipe.set_progress_bar_config(disable=True)
         device = self.unet.device
         was_training, images = self.training, []
         self.eval()
         try:
+            if on_progress is not None:
+                on_progress(0, count)
             for start in range(0, count, CLASS_CHUNK):
                 seeds = range(CLASS_SEED + start, CLASS_SEED + min(start + CLASS_CHUNK, count))
                 images += pipe(
@@ -136,6 +152,8 @@ class DreamBoothTrainable(Trainable):
                     height=resolution,
                     width=resolution,
                 ).images
+                if on_progress is not None:
+                    on_progress(len(images), count)
         finally:
             self.train(was_training)
         return images

@@ -11,7 +11,7 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -57,17 +57,34 @@ def _build_context(seed: int) -> Iterator[None]:
             torch.set_num_threads(threads)
 
 
-def build(name: str, out_dir: Path, *, vae_dir: Path | None = None) -> dict[str, float]:
+def build(
+    name: str,
+    out_dir: Path,
+    *,
+    vae_dir: Path | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> dict[str, float]:
     """Build `name` into `out_dir`. tiny-sdxl reuses the VAE of a built tiny-sd at `vae_dir` (the
-    same latent space, and half the build time). Returns timings in seconds."""
+    same latent space, and half the build time). Returns timings in seconds. `on_progress(done,
+    total)` counts pre-training steps (the VAE's, unless reused, then the UNet's): nearly all the time."""
     if name not in NAMES:
         raise ValueError(f"unknown builtin base {name!r}; known: {', '.join(NAMES)}")
     started = time.perf_counter()
+    vae_steps = pretrain.VAE_STEPS if vae_dir is None else 0
+    total = vae_steps + pretrain.UNET_STEPS
+
+    def stepped(offset: int) -> Callable[[int], None] | None:
+        report = on_progress
+        return None if report is None else lambda done: report(offset + done, total)
+
+    if on_progress is not None:
+        on_progress(0, total)
     # Grad on even if the caller (an inference worker) loads bases under no_grad/inference_mode.
     with _build_context(SEED), torch.inference_mode(False), torch.enable_grad():
-        vae = _vae(vae_dir)
+        vae = _vae(vae_dir, stepped(0))
         vae_s = time.perf_counter() - started
-        pipe = _sd_pipeline(vae) if name == "tiny-sd" else _sdxl_pipeline(vae)
+        unet_step = stepped(vae_steps)
+        pipe = _sd_pipeline(vae, unet_step) if name == "tiny-sd" else _sdxl_pipeline(vae, unet_step)
         encoder = components.image_encoder()
     pipe.save_pretrained(out_dir, safe_serialization=True)
     # Beside the pipeline, not in model_index.json: real bases get theirs from the IP-Adapter
@@ -84,11 +101,11 @@ def build(name: str, out_dir: Path, *, vae_dir: Path | None = None) -> dict[str,
     return timings
 
 
-def _vae(vae_dir: Path | None) -> AutoencoderKL:
+def _vae(vae_dir: Path | None, on_step: Callable[[int], None] | None) -> AutoencoderKL:
     if vae_dir is not None:
         return AutoencoderKL.from_pretrained(vae_dir)
     vae = components.vae()
-    pretrain.train_vae(vae, seed=SEED)
+    pretrain.train_vae(vae, seed=SEED, on_step=on_step)
     return vae
 
 
@@ -107,7 +124,7 @@ def _tokenizer() -> components.CLIPTokenizer:
         return components.load_tokenizer(Path(scratch))
 
 
-def _sd_pipeline(vae: AutoencoderKL) -> StableDiffusionPipeline:
+def _sd_pipeline(vae: AutoencoderKL, on_step: Callable[[int], None] | None) -> StableDiffusionPipeline:
     latents, captions = _scaled_latents(vae)
     tokenizer, encoder, unet = _tokenizer(), components.text_encoder(), components.unet_sd()
     scheduler = components.scheduler()
@@ -118,6 +135,7 @@ def _sd_pipeline(vae: AutoencoderKL) -> StableDiffusionPipeline:
         captions,
         DDPMScheduler.from_config(scheduler.config),
         seed=SEED + 2,
+        on_step=on_step,
     )
     log.info("tiny-sd unet pre-trained", extra={"loss": round(loss, 4)})
     return StableDiffusionPipeline(
@@ -132,7 +150,7 @@ def _sd_pipeline(vae: AutoencoderKL) -> StableDiffusionPipeline:
     )
 
 
-def _sdxl_pipeline(vae: AutoencoderKL) -> StableDiffusionXLPipeline:
+def _sdxl_pipeline(vae: AutoencoderKL, on_step: Callable[[int], None] | None) -> StableDiffusionXLPipeline:
     latents, captions = _scaled_latents(vae)
     tokenizers = [_tokenizer(), _tokenizer()]
     encoders = components.sdxl_text_encoders()
@@ -144,6 +162,7 @@ def _sdxl_pipeline(vae: AutoencoderKL) -> StableDiffusionXLPipeline:
         captions,
         DDPMScheduler.from_config(scheduler.config),
         seed=SEED + 3,
+        on_step=on_step,
     )
     log.info("tiny-sdxl unet pre-trained", extra={"loss": round(loss, 4)})
     return StableDiffusionXLPipeline(

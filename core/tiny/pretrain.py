@@ -51,7 +51,7 @@ def _residuals_start_as_identity(model: torch.nn.Module) -> None:
             torch.nn.init.zeros_(module.bias)
 
 
-def train_vae(vae: AutoencoderKL, *, seed: int) -> None:
+def train_vae(vae: AutoencoderKL, *, seed: int, on_step: Callable[[int], None] | None = None) -> None:
     images = world.any_colour_batch(WORLD_IMAGES, IMAGE_SIZE, seed)
     generator = torch.Generator().manual_seed(seed)
     _residuals_start_as_identity(vae)
@@ -74,6 +74,8 @@ def train_vae(vae: AutoencoderKL, *, seed: int) -> None:
         loss.backward()
         optimizer.step()
         schedule.step()
+        if on_step is not None:
+            on_step(step + 1)
     vae.eval()
 
 
@@ -138,9 +140,10 @@ def train_unet(
     noise_scheduler: DDPMScheduler,
     *,
     seed: int,
+    on_step: Callable[[int], None] | None = None,
 ) -> float:
     """Text encoders and UNet together (the text encoders start random, so they must learn to
-    tell colour words apart). Returns the final smoothed loss."""
+    tell colour words apart). Returns the final smoothed loss; `on_step(n)` after step n."""
     known = sorted(set(captions))
     unrelated = world.unrelated_captions(64, seed)
     ids = text.token_ids(["", *known, *unrelated])
@@ -175,6 +178,8 @@ def train_unet(
         optimizer.step()
         schedule.step()
         smoothed = loss.item() if step == 0 else 0.95 * smoothed + 0.05 * loss.item()
+        if on_step is not None:
+            on_step(step + 1)
     for module in (unet, *text.encoders):
         module.eval()
     return smoothed

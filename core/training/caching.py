@@ -153,7 +153,10 @@ def time_ids_for(placement: Placement, flipped: bool) -> list[float]:
 
 
 @torch.no_grad()
-def _encode_latents(vae: Any, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _encode_latents(
+    vae: Any, pixels: torch.Tensor, on_encoded: Callable[[int], None] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(means, stds) of the latents of `pixels`; `on_encoded(n)` after each VAE call of n views."""
     scale = vae.config.scaling_factor
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     means, stds = [], []
@@ -164,6 +167,8 @@ def _encode_latents(vae: Any, pixels: torch.Tensor) -> tuple[torch.Tensor, torch
         dist = vae.encode(chunk.to(vae.device, vae.dtype)).latent_dist
         means.append((dist.mean.float() - shift) * scale)
         stds.append(dist.std.float() * scale)
+        if on_encoded is not None:
+            on_encoded(len(chunk))
     return torch.cat(means), torch.cat(stds)
 
 
@@ -174,6 +179,7 @@ def _cache_bucket(
     caption_rows: list[list[int]],
     flips: int,
     image_features: ImageFeatures | None,
+    on_encoded: Callable[[int], None] | None = None,
 ) -> BucketCache:
     views, time_ids, crops, conditioning = [], [], [], []
     for item, placement in zip(items, placements, strict=True):
@@ -187,7 +193,7 @@ def _cache_bucket(
             conditioning.append(torch.stack([control, control.flip(-1)][:flips]))
     if conditioning and len(conditioning) != len(items):
         raise ValueError("either every training image has a conditioning image or none does")
-    mean, std = _encode_latents(base.vae, torch.stack(views))
+    mean, std = _encode_latents(base.vae, torch.stack(views), on_encoded)
     n = len(items)
     width = max(len(rows) for rows in caption_rows)
     features = image_features(crops) if image_features is not None else None
@@ -376,8 +382,10 @@ def build_training_data(
     noise_offset: float,
     device: torch.device,
     image_features: ImageFeatures | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> TrainingData:
-    """Bucket, encode and cache `items` once; `encode_captions=False` keeps token ids instead."""
+    """Bucket, encode and cache `items` once; `encode_captions=False` keeps token ids instead.
+    `on_progress(done, total)` follows the VAE through the images (a few per call)."""
     if not items:
         raise ValueError("the dataset has no images")
     items = [_rgb(item) for item in items]
@@ -387,6 +395,14 @@ def build_training_data(
     caption_rows = [[row[c] for c in (item.captions or ("",))] for item in items]
     placements, groups = assign([item.image.size for item in items], resolution, bucket_step(base))
     flips = 2 if random_flip else 1
+    views_done = 0
+
+    def encoded(views: int) -> None:
+        nonlocal views_done
+        views_done += views
+        if on_progress is not None:
+            on_progress(views_done // flips, len(items))
+
     buckets = [
         _cache_bucket(
             base,
@@ -395,6 +411,7 @@ def build_training_data(
             [caption_rows[i] for i in members],
             flips,
             image_features,
+            encoded,
         )
         for members in groups.values()
     ]

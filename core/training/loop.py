@@ -14,7 +14,7 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,7 @@ from core.training.caching import (
     build_training_data,
 )
 from core.training.optim import Precision, autocast, make_optimizer, resolve_precision
-from core.training.progress import TrainingHooks
+from core.training.progress import TrainingHooks, phase_reporter
 
 log = logging.getLogger(__name__)
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
@@ -266,6 +266,7 @@ def _cache(
     device: torch.device,
     *,
     seed_offset: int = 0,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> TrainingData:
     return build_training_data(
         base=base,
@@ -278,6 +279,7 @@ def _cache(
         noise_offset=training.noise_offset,
         device=device,
         image_features=trainable.image_features,
+        on_progress=on_progress,
     )
 
 
@@ -309,11 +311,24 @@ def train(
         # Methods may generate here (DreamBooth's class images) with the base as it is before training.
         training_set = trainable.training_items(items, resolution=resolution, hooks=hooks)
     # Outside autocast: the VAE encodes the cache in fp32.
+    instances, to_cache = len(training_set.items), len(training_set.items) + len(training_set.prior or ())
+    hooks.phase("caching_latents", done=0, total=to_cache)
+    cached = phase_reporter(hooks, "caching_latents", total=to_cache)
     data: TrainingData | PairedData = _cache(
-        base, trainable, training_set.items, training, resolution, device
+        base, trainable, training_set.items, training, resolution, device, on_progress=cached
     )
     if training_set.prior:
-        prior = _cache(base, trainable, training_set.prior, training, resolution, device, seed_offset=1)
+        cached = phase_reporter(hooks, "caching_latents", total=to_cache, offset=instances)
+        prior = _cache(
+            base,
+            trainable,
+            training_set.prior,
+            training,
+            resolution,
+            device,
+            seed_offset=1,
+            on_progress=cached,
+        )
         data = PairedData(data, prior)
     optimizer, lr_scheduler = make_optimizer(trainable.trainable_parameters(), training, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.grad_scaler)
@@ -321,7 +336,9 @@ def train(
         spec, trainable, data, optimizer, lr_scheduler, scaler, precision, device, hooks, workdir, resolution
     )
     resumed = _resume(run)
+    hooks.phase("training", done=min(resumed or 0, training.max_steps), total=training.max_steps)
     final_loss, rate, history = _loop(run, min(resumed or 0, training.max_steps))
+    hooks.phase("exporting", done=0, total=1)
     artifact_dir = workdir / "artifact"
     files = trainable.save(artifact_dir)
     exports, export_errors = write_exports(
@@ -350,6 +367,7 @@ def train(
         exports=exports,
         export_errors=export_errors,
     )
+    hooks.phase("exporting", done=1, total=1)
     return TrainResult(
         artifact_dir,
         [*files, "manifest.json"],

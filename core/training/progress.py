@@ -4,6 +4,10 @@ The worker's hooks renew the lease, record progress and checkpoints (fenced by `
 `StopTraining` when a cancel is requested or the lease is lost. The bench, the CLI and tests use
 `NullHooks` or `ConsoleHooks`. The loop calls `.item()` on the loss only when `should_report` says so,
 so a hooks object that reports rarely keeps the GPU free of host syncs.
+
+A job goes through phases (core.phases, in order; a job skips those it does not need): each reports
+`done`/`total` in its own units (pre-training steps, images, optimizer steps, files) through
+`hooks.phase`, as often as it likes: the hooks bound how often that reaches anyone.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from tqdm import tqdm
+
+from core.phases import Phase
 
 
 class StopTraining(Exception):
@@ -29,6 +35,10 @@ class TrainingHooks(Protocol):
 
     def progress(self, *, step: int, total: int, loss: float, images_per_s: float) -> None: ...
 
+    def phase(self, name: Phase, *, done: int, total: int) -> None:
+        """`done` of `total` units of phase `name`; a new name means the job entered that phase."""
+        ...
+
     def save_checkpoint(self, *, step: int, folder: Path) -> None: ...
 
     def load_checkpoint(self) -> tuple[int, Path] | None: ...
@@ -40,6 +50,14 @@ class TrainingHooks(Protocol):
         for the next one. `key` must name everything the images depend on (DreamBooth's class images:
         base fingerprint, prompt, count, size, steps, seed)."""
         ...
+
+
+def phase_reporter(
+    hooks: TrainingHooks, name: Phase, *, total: int, offset: int = 0
+) -> Callable[[int, int], None]:
+    """A `(done, _)` callback for code that counts its own part of a phase: it reports `offset +
+    done` of the whole phase's `total` (DreamBooth caches its instance and then its class images)."""
+    return lambda done, _part_total: hooks.phase(name, done=offset + done, total=total)
 
 
 class Throttle:
@@ -69,6 +87,9 @@ class NullHooks:
     def progress(self, *, step: int, total: int, loss: float, images_per_s: float) -> None:
         return None
 
+    def phase(self, name: Phase, *, done: int, total: int) -> None:
+        return None
+
     def save_checkpoint(self, *, step: int, folder: Path) -> None:
         return None
 
@@ -89,6 +110,8 @@ class ConsoleHooks(NullHooks):
         super().__init__()
         self._throttle = Throttle(interval_s)
         self._bar: tqdm | None = None
+        self._phase_bar: tqdm | None = None
+        self._phase_name: str | None = None
         self._samples_dir = samples_dir
 
     def should_report(self, step: int) -> bool:
@@ -101,6 +124,22 @@ class ConsoleHooks(NullHooks):
         self._bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images_per_s:.1f}")
         if step >= total:
             self._bar.close()
+
+    def phase(self, name: Phase, *, done: int, total: int) -> None:
+        # Training has its own bar (with loss and img/s); the phases before and after get one each.
+        if name == "training":
+            return
+        if name != self._phase_name:
+            if self._phase_bar is not None:
+                self._phase_bar.close()
+            self._phase_name, self._phase_bar = name, tqdm(total=total, desc=name, dynamic_ncols=True)
+        if self._phase_bar is None:  # this phase's bar is already complete
+            return
+        self._phase_bar.total = total
+        self._phase_bar.update(done - self._phase_bar.n)
+        if done >= total:
+            self._phase_bar.close()
+            self._phase_bar = None
 
     def save_samples(self, *, step: int, images: list[Any], prompts: list[str]) -> None:
         if self._samples_dir is None:
