@@ -87,6 +87,17 @@ class Settings(BaseSettings):
     webhook_dispatch_interval_s: float = 15.0
     webhook_secret_grace_s: float = 24 * 3600.0  # a rotated-out secret still signs for this long
 
+    # Per-tenant limits (core/limits.py), each overridable per tenant (`atelier tenants limits set`).
+    # Running jobs are capped when a worker claims (the rest wait, fairly); queued jobs and storage
+    # bytes (datasets + artifacts) when they are created; requests per minute per API key.
+    tenant_max_running_jobs: int = Field(default=4, ge=1)
+    tenant_max_queued_jobs: int = Field(default=100, ge=1)
+    tenant_max_storage_bytes: int = Field(default=100 * 1024**3, ge=1)
+    tenant_requests_per_minute: int = Field(default=1200, ge=1)
+    # Where API processes share request counts; default: the broker when it is Redis, else counted in
+    # this process (the embedded mode has one API process).
+    rate_limit_redis_url: str | None = None
+
     torch_threads: int | None = None
     device: str = "auto"  # auto | cpu | cuda
 
@@ -145,6 +156,12 @@ class Settings(BaseSettings):
             raise ValueError("train_worker_memory_gib entries must be positive")
         if self.worker_live_s <= self.worker_announce_s * 2:
             raise ValueError("worker_live_s must exceed two announcements, or live workers lapse")
+
+    @property
+    def rate_limit_redis(self) -> str | None:
+        if self.rate_limit_redis_url:
+            return self.rate_limit_redis_url
+        return self.broker_url if self.broker_url.startswith(("redis://", "rediss://")) else None
 
     @property
     def broker_folder(self) -> Path:

@@ -18,7 +18,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from core import jobs
+from sqlalchemy import func, select
+
+from core import jobs, scheduling
 from core.config import Settings
 from core.db import session_scope
 from core.logs import log_context
@@ -250,12 +252,15 @@ class JobHooks:
 
 
 def run_training_job(*, job_id: str, settings: Settings, storage: Storage, worker_id: str) -> str | None:
-    """Run one attempt of the job if it can be claimed. Returns the final or interim status."""
+    """Answer a train message: claim the next job by the fair rule (core/scheduling.py; the
+    message's `job_id` only rang the bell) and run one attempt of it. Returns the final or interim
+    status, None when nothing could start (all claimed, canceled, or their tenants at their limit)."""
     with session_scope(settings.database_url) as session:
-        attempt = jobs.claim(session=session, job_id=job_id, worker_id=worker_id, lease_s=settings.lease_s)
-        if attempt is None:
-            log.info("job %s is not claimable (duplicate delivery, canceled or finished)", job_id)
+        claimed = scheduling.claim_next(session=session, settings=settings, worker_id=worker_id)
+        if claimed is None:
+            log.info("message for job %s: no job may start now (none queued or all capped)", job_id)
             return None
+        job_id, attempt = claimed.job_id, claimed.attempt
         job = session.get(Job, job_id)
         assert job is not None
         dataset = session.get(Dataset, job.dataset_id)
@@ -281,6 +286,27 @@ def run_training_job(*, job_id: str, settings: Settings, storage: Storage, worke
         finally:
             heartbeat.stop()
             shutil.rmtree(workdir, ignore_errors=True)
+            _ring_for_tenant(settings, job.tenant_id)
+
+
+def _ring_for_tenant(settings: Settings, tenant_id: str) -> None:
+    """A running slot of this tenant is free again. If the tenant was at its running-jobs limit, a
+    message may have found its jobs capped and been spent: ring once more for its waiting jobs."""
+    from core.limits import tenant_limits
+    from worker.app import send_train
+
+    try:
+        with session_scope(settings.database_url) as session:
+            running = session.scalar(
+                select(func.count()).where(Job.tenant_id == tenant_id, Job.status == JobStatus.running)
+            )
+            cap = tenant_limits(session=session, settings=settings, tenant_id=tenant_id).max_running_jobs
+            waiting = scheduling.next_waiting(session=session, tenant_id=tenant_id)
+        if waiting is not None and int(running or 0) + 1 >= cap:
+            send_train(waiting)
+    except Exception:
+        # The reaper re-sends queued jobs that waited past queued_redispatch_s.
+        log.warning("could not ring for tenant %s's waiting jobs", tenant_id, exc_info=True)
 
 
 def _attempt(

@@ -54,6 +54,18 @@ class Tenant(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class TenantLimits(Base):
+    """One tenant's overrides of the default limits in Settings (core/limits.py); NULL: the default."""
+
+    __tablename__ = "tenant_limits"
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), primary_key=True)
+    max_running_jobs: Mapped[int | None] = mapped_column(Integer)
+    max_queued_jobs: Mapped[int | None] = mapped_column(Integer)
+    max_storage_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    requests_per_minute: Mapped[int | None] = mapped_column(Integer)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
 class ApiKey(Base):
     __tablename__ = "api_keys"
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
@@ -79,6 +91,9 @@ class Dataset(Base):
     report: Mapped[dict[str, Any] | None]
     error_code: Mapped[str | None] = mapped_column(String(60))
     error_message: Mapped[str | None] = mapped_column(Text)
+    # What its objects take in storage, counted against the tenant's quota (core/limits.py); NULL
+    # for a dataset stored before this was recorded, counted from storage when first needed.
+    stored_bytes: Mapped[int | None] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -87,6 +102,8 @@ class Job(Base):
     __table_args__ = (
         UniqueConstraint("tenant_id", "idempotency_key", name="uq_jobs_tenant_idempotency"),
         Index("ix_jobs_status_lease", "status", "lease_expires_at"),
+        # The fair scheduler's "when did this tenant last start a job" (core/scheduling.py).
+        Index("ix_jobs_tenant_started", "tenant_id", "started_at"),
     )
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
