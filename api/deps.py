@@ -11,6 +11,8 @@ from sqlalchemy.orm import Session
 from core.config import Settings, get_settings
 from core.db import new_session
 from core.errors import ApiError
+from core.limits import tenant_limits
+from core.rate_limit import WINDOW_S, limiter_for
 from core.storage import Storage, make_storage
 from core.tenants import KeyState, check_key
 
@@ -61,7 +63,7 @@ _REFUSED = {
 }
 
 
-def get_tenant(request: Request, session: SessionDep) -> str:
+def get_tenant(request: Request, session: SessionDep, settings: SettingsDep) -> str:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
@@ -75,8 +77,26 @@ def get_tenant(request: Request, session: SessionDep) -> str:
     if check.state is not KeyState.active:
         code, detail = _REFUSED[check.state]
         raise ApiError(401, code, detail, headers={"WWW-Authenticate": "Bearer"})
-    assert check.tenant_id is not None
+    assert check.tenant_id is not None and check.key_id is not None
+    _count_request(request, session, settings, check.tenant_id, check.key_id)
     return check.tenant_id
+
+
+def _count_request(
+    request: Request, session: Session, settings: Settings, tenant_id: str, key_id: str
+) -> None:
+    """Requests per minute per key (core/rate_limit.py); the tenant's limit applies to each key."""
+    limit = tenant_limits(session=session, settings=settings, tenant_id=tenant_id).requests_per_minute
+    decision = limiter_for(settings.rate_limit_redis).hit(key_id, limit)
+    request.state.key_id = key_id
+    if not decision.allowed:
+        raise ApiError(
+            429,
+            "rate_limited",
+            f"this API key sent more than {limit} requests this minute; retry in {decision.reset_s} s",
+            headers={"Retry-After": str(decision.reset_s)},
+            extensions={"limit": limit, "window_s": WINDOW_S, "retry_after_s": decision.reset_s},
+        )
 
 
 TenantDep = Annotated[str, Depends(get_tenant)]

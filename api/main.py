@@ -25,6 +25,7 @@ from api.routes import (
     images,
     jobs,
     metrics,
+    usage,
     webhooks,
 )
 from core.config import get_settings
@@ -142,6 +143,7 @@ def create_app(*, migrate: bool = True) -> FastAPI:
         dashboard,
         docs,
         metrics,
+        usage,
     ):
         app.include_router(module.router)
     openapi_examples.install(app)

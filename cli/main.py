@@ -1,5 +1,5 @@
 """`atelier`: the HTTP commands (datasets, jobs, artifacts, generate), the server roles (serve,
-worker, beat), `keys create|list|revoke`, and `demo`."""
+worker, beat), `keys create|list|revoke`, `tenants limits show|set|clear`, and `demo`."""
 
 from __future__ import annotations
 
@@ -102,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = keys_sub.add_parser("revoke", help="revoke a key: its next request gets 401")
     revoke.add_argument("key_id", metavar="KEY_ID")
     keys.set_defaults(func=_keys)
+
+    from cli.tenants import add_tenants_parser
+
+    add_tenants_parser(sub)
 
     demo = sub.add_parser("demo", help="train a LoRA end to end on the embedded service")
     demo.add_argument("--out", default="atelier-demo", help="folder for the grid and loss curve")

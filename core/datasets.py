@@ -81,6 +81,7 @@ class RejectedFile:
 class ValidationReport:
     accepted: list[AcceptedImage]
     rejected: list[RejectedFile]
+    stored_bytes: int = 0  # what the dataset's objects take in storage (the tenant's quota)
 
     def to_dict(self) -> dict[str, Any]:
         sizes = Counter((a.width, a.height) for a in self.accepted)
@@ -231,6 +232,7 @@ class _DatasetBuilder:
         self.captions: dict[str, _Caption] = {}  # folded stem -> caption
         self.conditioned_by: dict[str, str] = {}  # image key -> the conditioning file's name
         self.written: list[str] = []
+        self.stored_bytes = 0
 
     def add(self, name: str, data: bytes) -> None:
         self.files_seen += 1
@@ -290,7 +292,9 @@ class _DatasetBuilder:
                 "rejected": len(self.rejected),
             },
         )
-        return ValidationReport(accepted=self.accepted, rejected=self.rejected)
+        return ValidationReport(
+            accepted=self.accepted, rejected=self.rejected, stored_bytes=self.stored_bytes
+        )
 
     def discard(self) -> None:
         """Remove what this upload wrote; best effort, so the original error is what surfaces."""
@@ -344,6 +348,7 @@ class _DatasetBuilder:
     def _put(self, key: str, data: bytes, content_type: str) -> None:
         self.written.append(key)  # before the write: a failed put may still leave an object
         self.storage.put_bytes(key, data, content_type=content_type)
+        self.stored_bytes += len(data)
 
     def _reject(self, name: str, code: str, reason: str) -> None:
         self.rejected.append(RejectedFile(name=name, code=code, reason=reason))

@@ -18,6 +18,7 @@ from core import deletion
 from core.datasets import CONDITIONING_FOLDER, IMAGES_FOLDER, MANIFEST, DatasetRejected, ingest_upload
 from core.errors import ApiError, not_found
 from core.ids import new_id
+from core.limits import check_storage, tenant_limits
 from core.models import Dataset, DatasetStatus
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
@@ -43,6 +44,10 @@ def create_dataset(
         raise ApiError(
             413, "upload_too_large", f"upload is {total} bytes; the limit is {settings.max_upload_bytes}"
         )
+    # Refused before anything is stored; the stored PNGs may differ in size from the upload, and
+    # what they take is what counts from then on.
+    limits = tenant_limits(session=session, settings=settings, tenant_id=tenant_id)
+    check_storage(session=session, storage=storage, limits=limits, tenant_id=tenant_id, adding=total)
     dataset = Dataset(id=new_id("ds"), tenant_id=tenant_id, name=name, status=DatasetStatus.validating)
     dataset.storage_prefix = f"tenants/{tenant_id}/datasets/{dataset.id}"
     session.add(dataset)
@@ -64,6 +69,7 @@ def create_dataset(
         ) from exc
     dataset.status = DatasetStatus.ready
     dataset.image_count = len(report.accepted)
+    dataset.stored_bytes = report.stored_bytes
     dataset.report = report.to_dict()
     session.commit()
     return DatasetPublic.from_row(dataset)

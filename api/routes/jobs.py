@@ -32,6 +32,7 @@ from core.base_models import BaseModelNotAllowed, get_base_model_info
 from core.db import new_session
 from core.errors import ApiError, not_found
 from core.fitting import JobFit, plan_job
+from core.limits import check_queued, check_storage, lock_tenant, tenant_limits
 from core.methods.params import METHOD_INFO, JobSpec
 from core.models import DatasetStatus, Job, JobEvent, JobStatus
 from worker.app import send_train
@@ -116,6 +117,15 @@ def _fit(session: SessionDep, settings: SettingsDep, spec: JobSpec) -> JobFit:
     return fit
 
 
+def _check_limits(session: SessionDep, settings: SettingsDep, storage: StorageDep, tenant_id: str) -> None:
+    """Storage quota (the job's artifact will add bytes), then the queued-jobs limit, checked under
+    the tenant's lock, which create_job's commit releases: concurrent creates cannot overshoot it."""
+    limits = tenant_limits(session=session, settings=settings, tenant_id=tenant_id)
+    check_storage(session=session, storage=storage, limits=limits, tenant_id=tenant_id)
+    lock_tenant(session, tenant_id)
+    check_queued(session=session, limits=limits, tenant_id=tenant_id)
+
+
 DRY_RUN = Query(
     description="Answer whether and how the job fits the training workers (200, a job_plan) "
     "without creating it; a job that does not fit answers fits: false, not 422"
@@ -128,6 +138,7 @@ def create_job(
     response: Response,
     session: SessionDep,
     settings: SettingsDep,
+    storage: StorageDep,
     tenant_id: TenantDep,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
     dry_run: Annotated[bool, DRY_RUN] = False,
@@ -154,6 +165,7 @@ def create_job(
         _check_inputs(session, settings, tenant_id, body)
         _check_webhook(settings, body)
         fit = _fit(session, settings, spec)
+        _check_limits(session, settings, storage, tenant_id)
         job, created = jobs.create_job(
             session=session,
             tenant_id=tenant_id,
