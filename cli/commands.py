@@ -148,7 +148,7 @@ def jobs_watch(args: argparse.Namespace, client: AtelierClient) -> int:
 
 
 def _watch(client: AtelierClient, job_id: str) -> int:
-    job = watch_job(client, job_id, ProgressBar())
+    job = watch_job(client, job_id, ProgressBar(label=job_id))
     status = job["status"]
     if status == "succeeded":
         say(f"job {job_id} succeeded; artifact:")

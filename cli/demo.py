@@ -23,10 +23,11 @@ from typing import Any
 
 import httpx
 from PIL import Image, ImageDraw
-from tqdm import tqdm
 
 from cli.client import AtelierClient
 from cli.plots import image_grid, loss_curve, mean_colour
+from cli.progress import ProgressBar
+from cli.watch import watch_job
 from core.config import get_settings
 from core.db import session_scope, upgrade
 from core.tenants import create_key
@@ -73,27 +74,6 @@ def _wait_ready(base_url: str, server: subprocess.Popen, timeout_s: float = 120.
             pass
         time.sleep(0.5)
     raise TimeoutError("the embedded service did not become ready")
-
-
-def _watch(client: AtelierClient, job_id: str, total: int) -> dict[str, Any]:
-    bar = tqdm(total=total, desc="training", unit="step")
-
-    def update(job: dict[str, Any]) -> None:
-        progress = job["progress"]
-        bar.update(max(progress["step"] - bar.n, 0))
-        fields = {"status": job["status"]}
-        if progress["loss"] is not None:
-            fields["loss"] = f"{progress['loss']:.4f}"
-        if progress["it_per_s"]:
-            fields["it/s"] = f"{progress['it_per_s']:.2f}"
-        if progress["eta_s"] is not None:
-            fields["eta"] = f"{progress['eta_s']:.0f}s"
-        bar.set_postfix(fields)
-
-    try:
-        return client.wait(job_id, on_progress=update, timeout_s=3600)
-    finally:
-        bar.close()
 
 
 def _generate(client: AtelierClient, loras: list[dict[str, Any]]) -> list[Image.Image]:
@@ -166,7 +146,8 @@ def _run(client: AtelierClient, out: Path, steps: int) -> int:
         }
     )
     print(f"job {job['id']} queued (the first run also builds the tiny-sd base model)")
-    job = _watch(client, job["id"], steps)
+    # The bar follows the job's phases (the base build, caching, training, upload) over its events.
+    job = watch_job(client, job["id"], ProgressBar(label=job["id"]))
     if job["status"] != "succeeded":
         print(f"job {job['id']} {job['status']}: {job['error']}", file=sys.stderr)
         return 1

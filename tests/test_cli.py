@@ -318,7 +318,8 @@ def test_create_and_watch_follows_the_event_stream_to_the_artifact(
     job_id, artifact_id = run.lines
     assert artifact_id.startswith("art_") and "polling" not in run.err
     assert "started (attempt 1)" in run.err and "checkpoint at step 2" in run.err
-    assert "2/2" in run.err and "loss 0.1250" in run.err and "it/s" in run.err
+    assert "step 2/2" in run.err and "loss 0.1250" in run.err and "4.0 img/s" in run.err
+    assert "\r" not in run.err  # stderr is no terminal here: one line per update, nothing redrawn
     assert run.err.rstrip().endswith(f"job {job_id} succeeded; artifact:")
 
 
