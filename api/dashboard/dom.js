@@ -80,15 +80,26 @@ export function statusBadge(status) {
   return h("span", { class: `badge status-${status}` }, status);
 }
 
-export function progressBar(progress) {
-  const total = progress.total || 0;
-  const fraction = total ? Math.min(1, progress.step / total) : 0;
+// The phase of a running job other than training ("caching latents 12/40"), or null: then the
+// steps tell more (training, queued, finished, or a server that reports no phases).
+function phaseOf(progress, status) {
+  if (status !== "running" || !progress.phase || progress.phase === "training") return null;
+  const name = progress.phase.replaceAll("_", " ");
+  return { name, done: progress.phase_done ?? 0, total: progress.phase_total ?? 0 };
+}
+
+// Training steps; given the job's status, the bar follows a running job's phase before and after.
+export function progressBar(progress, status = null) {
+  const phase = phaseOf(progress, status);
+  const [done, total] = phase ? [phase.done, phase.total] : [progress.step, progress.total || 0];
+  const fraction = total ? Math.min(1, done / total) : 0;
+  const label = phase ? `${phase.name} ${done}/${total}` : `${done}/${total}`;
   return h(
     "div",
-    { class: "progress", title: `${progress.step} of ${total} steps` },
+    { class: "progress", title: phase ? label : `${done} of ${total} steps` },
     h("div", { class: "progress-track" },
       h("div", { class: "progress-fill", style: { width: `${(fraction * 100).toFixed(1)}%` } })),
-    h("span", { class: "progress-label" }, `${progress.step}/${total}`),
+    h("span", { class: "progress-label" }, label),
   );
 }
 

@@ -58,6 +58,7 @@ class JobPage {
       ["Method", job.method], ["Base model", job.base_model],
       ["Dataset", h("a", { href: `#/datasets/${job.dataset_id}` }, job.dataset_id)],
       ["Attempt", `${job.attempt} of ${job.max_attempts}`],
+      ["Phase", p.phase ? p.phase.replaceAll("_", " ") : "–"],
       ["Loss", fmtLoss(p.loss)], ["Speed", p.it_per_s ? `${p.it_per_s.toFixed(2)} it/s` : "–"],
       ["ETA", fmtDuration(p.eta_s)], ["Checkpoint", job.checkpoint_step ?? "–"],
       ["Created", fmtTime(job.created_at)], ["Started", fmtTime(job.started_at)],
@@ -66,7 +67,7 @@ class JobPage {
     replace(this.summary,
       h("div", { class: "view-head" },
         h("h1", {}, `Job ${job.id}`), h("span", { id: "job-status" }, statusBadge(job.status)), cancel),
-      progressBar(p),
+      progressBar(p, job.status),
       job.error && errorBox(`${job.error.code}: ${job.error.message || ""}`),
       h("dl", { class: "fields" }, fields.map(([k, v]) => [h("dt", {}, k), h("dd", {}, v)])),
     );
