@@ -6,7 +6,8 @@ queue cannot hold back another tenant's job.
 
 1. Only tenants below their running-jobs limit (core/limits.py) are eligible.
 2. The tenant with the fewest running jobs goes first; ties go to the tenant served least recently
-   (whose newest job start is oldest; never served comes first), so equal backlogs alternate.
+   (whose newest job start is oldest; never served comes first), so equal backlogs alternate;
+   then to the tenant whose oldest waiting job is older.
 3. Within the tenant: the oldest job first.
 
 The decision is serialised by one transaction-scoped lock (PostgreSQL advisory lock; SQLite writes
@@ -59,7 +60,12 @@ def _lock(session: Session) -> None:
 
 def tenant_order(*, session: Session, settings: Settings) -> list[str]:
     """Tenants with a claimable job, best first, leaving out those at their running-jobs limit."""
-    waiting = list(session.scalars(select(Job.tenant_id).where(_claimable()).distinct()))
+    oldest: dict[str, datetime] = dict(
+        session.execute(
+            select(Job.tenant_id, func.min(Job.created_at)).where(_claimable()).group_by(Job.tenant_id)
+        ).all()
+    )
+    waiting = list(oldest)
     if not waiting:
         return []
     running = dict(
@@ -79,7 +85,7 @@ def tenant_order(*, session: Session, settings: Settings) -> list[str]:
     limits = limits_of(session=session, settings=settings, tenant_ids=waiting)
     eligible = [t for t in waiting if running.get(t, 0) < limits[t].max_running_jobs]
     never = datetime.min
-    return sorted(eligible, key=lambda t: (running.get(t, 0), served.get(t) or never, t))
+    return sorted(eligible, key=lambda t: (running.get(t, 0), served.get(t) or never, oldest[t], t))
 
 
 def _next_job(session: Session, tenant_id: str) -> str | None:

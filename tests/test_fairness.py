@@ -95,6 +95,18 @@ def test_equal_backlogs_alternate_on_one_worker(db_session: Session, db_url: str
     assert order == ["A1", "B1", "A2", "B2", "A3", "B3"]
 
 
+def test_between_tenants_never_served_the_older_waiting_job_goes_first(
+    db_session: Session, db_url: str, settings: Settings
+) -> None:
+    b = make_tenant(db_session, "b")  # the older tenant, but its job comes later
+    a = make_tenant(db_session, "a")
+    (a_job,) = submit(db_session, a, 1)
+    (b_job,) = submit(db_session, b, 1)
+    first, second = claim(db_url, settings, "w1"), claim(db_url, settings, "w2")
+    assert first is not None and second is not None
+    assert (first.job_id, second.job_id) == (a_job, b_job)
+
+
 def test_running_cap_holds_jobs_back_and_lets_others_through(
     db_session: Session, db_url: str, settings: Settings
 ) -> None:

@@ -451,6 +451,32 @@ def test_six_jobs_from_two_tenants_each_train_once_on_two_workers(
 
 @pytest.mark.services
 @pytest.mark.slow
+def test_a_tenants_backlog_does_not_hold_back_another_on_real_workers(
+    topology: tuple[Stack, PoolChildren], tmp_path: Path
+) -> None:
+    """The issue's fairness scenario through the real processes (scaled down from 20 jobs, which
+    tests/test_fairness.py runs at the claim): two training workers, tenant A submits four jobs,
+    tenant B one right after; B's job starts before A's third."""
+    stack, _ = topology
+    a, b = stack.client("acme"), stack.client("globex")
+    a_dataset, b_dataset = _dataset(a, tmp_path, "acme"), _dataset(b, tmp_path, "globex")
+    submitted = [(a, a.create_job(_job_body(a_dataset, seed=n))["id"], f"A{n + 1}") for n in range(4)]
+    submitted.append((b, b.create_job(_job_body(b_dataset))["id"], "B1"))
+
+    started: dict[str, int] = {}
+    for client, job_id, name in submitted:
+        final = client.wait(job_id, timeout_s=300)
+        assert final["status"] == "succeeded", (final["error"], _logs(stack))
+        (event,) = [e for e in _events(client, job_id) if e["type"] == "started"]
+        started[name] = event["id"]  # claims are serialised, so event ids order the starts
+    order = sorted(started, key=started.__getitem__)
+    print("start order on two workers:", " ".join(order))
+    assert order.index("B1") < order.index("A3"), order
+    assert [n for n in order if n != "B1"] == ["A1", "A2", "A3", "A4"]
+
+
+@pytest.mark.services
+@pytest.mark.slow
 def test_killed_training_worker_job_finishes_on_the_other(
     topology: tuple[Stack, PoolChildren], tmp_path: Path
 ) -> None:
