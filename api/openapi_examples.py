@@ -108,6 +108,15 @@ JOB_EXAMPLES: dict[str, dict[str, Any]] = {
         {"method": "ip_adapter", "drop_image_rate": 0.05, "drop_text_rate": 0.05, "drop_both_rate": 0.05},
         {"max_steps": 2000, "learning_rate": 1e-4, "batch_size": 8, "mixed_precision": "auto"},
     ),
+    "hyper_lora": _job(
+        "hyper_lora",
+        "A network that predicts a rank-4 LoRA from reference images, trained over many concepts. "
+        "Dataset: a zip with one folder per concept (at least 4, with 2+ images each). Then a lora job "
+        'with init_from {"hyper_lora": <its artifact>, "images": [<1-5 image ids>]} personalises in '
+        "seconds: max_steps 0 keeps the prediction, a few steps fine-tune from it.",
+        {"method": "hyper_lora", "rank": 4, "targets": "attention+conv+ff", "basis_size": 16},
+        {"max_steps": 4000, "learning_rate": 2e-4, "lr_scheduler": "cosine", "batch_size": 8},
+    ),
 }
 
 GENERATION_EXAMPLES: dict[str, dict[str, Any]] = {

@@ -263,8 +263,8 @@ def run_training_job(*, job_id: str, settings: Settings, storage: Storage, worke
         job_id, attempt = claimed.job_id, claimed.attempt
         job = session.get(Job, job_id)
         assert job is not None
-        dataset = session.get(Dataset, job.dataset_id)
-        assert dataset is not None
+        # None only for a personalisation job (init_from) trained on its reference images.
+        dataset = session.get(Dataset, job.dataset_id) if job.dataset_id is not None else None
     # Every record logged during the attempt, by any logger in this thread, carries these fields.
     with log_context(job_id=job_id, attempt=attempt):
         log.info("job %s attempt %s started", job_id, attempt, extra={"method": job.method})
@@ -313,7 +313,7 @@ def _attempt(
     settings: Settings,
     storage: Storage,
     job: Job,
-    dataset: Dataset,
+    dataset: Dataset | None,
     attempt: int,
     hooks: JobHooks,
     workdir: Path,
@@ -362,7 +362,7 @@ def _train_and_store(
     settings: Settings,
     storage: Storage,
     job: Job,
-    dataset: Dataset,
+    dataset: Dataset | None,
     hooks: JobHooks,
     workdir: Path,
     prefix: str,
@@ -370,16 +370,20 @@ def _train_and_store(
 
     from core.artifacts import MANIFEST_NAME, read_manifest
     from core.base_loader import load_base
-    from core.datasets import load_items
+    from core.datasets import DatasetItem, load_items
     from core.devices import pick_device
     from core.methods.params import JobSpec
     from core.training.loop import train
     from core.training.optim import component_dtypes, resolve_precision
 
     spec = JobSpec.model_validate(job.spec)
-    items = load_items(storage=storage, dataset_prefix=dataset.storage_prefix)
-    if not items:
-        raise PermanentJobError("dataset_empty", f"dataset {dataset.id} has no images")
+    if dataset is None and spec.init_from is None:
+        raise PermanentJobError("dataset_missing", f"job {job.id} has no dataset (it was deleted)")
+    items: list[Any] = []
+    if dataset is not None:
+        items = load_items(storage=storage, dataset_prefix=dataset.storage_prefix)
+        if not items:
+            raise PermanentJobError("dataset_empty", f"dataset {dataset.id} has no images")
     device, _ = pick_device(settings)
     # Frozen components load straight into the training's low-precision dtype (an fp32 SDXL would
     # need 14 GB on the device first); trained ones in fp32, so full fine-tunes never start from
@@ -395,6 +399,18 @@ def _train_and_store(
         ),
         on_phase=hooks.on_phase,
     )
+    initial_state = None
+    if spec.init_from is not None:
+        prediction, references = _predict_init(settings, storage, job, spec, base, device, workdir)
+        initial_state = prediction.state
+        # Uncaptioned images train with the prompt the hyper_lora's LoRAs answer to.
+        items = [
+            DatasetItem(image=item.image, caption=item.caption or prediction.instance_prompt, name=item.name)
+            for item in items
+        ] or [
+            DatasetItem(image=image, caption=prediction.instance_prompt, name=f"reference-{i}.png")
+            for i, image in enumerate(references)
+        ]
     result = train(
         spec=spec,
         base=base,
@@ -403,6 +419,7 @@ def _train_and_store(
         hooks=hooks,
         device=device,
         name=f"atelier-{job.id}",
+        initial_state=initial_state,
     )
     # The loop hashed every file into the manifest it wrote last; no manifest means no artifact.
     manifest = read_manifest(result.artifact_dir)
@@ -421,6 +438,38 @@ def _train_and_store(
     storage.put_bytes(f"{prefix}/{MANIFEST_NAME}", manifest_bytes, content_type="application/json")
     hooks.phase("uploading", done=files, total=files)
     return jobs.ArtifactRecord(storage_prefix=prefix, manifest=manifest)
+
+
+def _predict_init(
+    settings: Settings, storage: Storage, job: Job, spec: Any, base: Any, device: Any, workdir: Path
+) -> tuple[Any, list[Any]]:
+    """init_from: the hyper_lora's LoRA for the job's reference images, and those images. The API
+    checked all this; the artifact or an image may have been deleted since."""
+    from core.generation_images import ImageNotFound, load_image
+    from core.init_from import check_compatible
+    from core.models import Artifact
+    from core.personalise import predict_lora
+
+    init = spec.init_from
+    with session_scope(settings.database_url) as session:
+        artifact = session.get(Artifact, init.hyper_lora)
+        if artifact is None or artifact.tenant_id != job.tenant_id:
+            raise PermanentJobError("init_from_not_found", f"no hyper_lora artifact {init.hyper_lora}")
+        manifest = {**artifact.manifest, "method": artifact.method, "base_model": artifact.base_model}
+        artifact_prefix = artifact.storage_prefix
+    problems = check_compatible(manifest, base_model=spec.base_model, lora=spec.params)
+    if problems:
+        raise PermanentJobError("artifact_incompatible", "; ".join(problems))
+    try:
+        references = [load_image(image_id, job.tenant_id, storage) for image_id in init.images]
+    except ImageNotFound as missing:
+        raise PermanentJobError("image_not_found", f"reference image {missing.image_id} is gone") from None
+    local = workdir / "init_from"
+    download_prefix(storage, artifact_prefix, local)
+    prediction = predict_lora(
+        artifact_dir=local, image_encoder_path=base.image_encoder_path, images=references, device=device
+    )
+    return prediction, references
 
 
 def _finish(

@@ -96,9 +96,17 @@ def make_tenant(session: Session, name: str | None = None) -> str:
 
 
 def insert_dataset(
-    session: Session, tenant_id: str, *, status: str = DatasetStatus.ready, image_count: int = 5
+    session: Session,
+    tenant_id: str,
+    *,
+    status: str = DatasetStatus.ready,
+    image_count: int = 5,
+    names: list[str] | None = None,
 ) -> str:
-    """A dataset row as ingestion leaves it; the upload itself is tested in test_datasets.py."""
+    """A dataset row as ingestion leaves it (`names`: the files' names, "00.png"... by default);
+    the upload itself is tested in test_datasets.py."""
+    names = names or [f"{i:02d}.png" for i in range(image_count)]
+    image_count = len(names)
     dataset_id = new_id("ds")
     session.add(
         Dataset(
@@ -117,8 +125,8 @@ def insert_dataset(
                     "conditioned": 0,
                 },
                 "accepted": [
-                    {"name": f"{i:02d}.png", "width": 32, "height": 32, "caption": "x", "conditioning": False}
-                    for i in range(image_count)
+                    {"name": name, "width": 32, "height": 32, "caption": "x", "conditioning": False}
+                    for name in names
                 ],
                 "rejected": [],
             },

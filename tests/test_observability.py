@@ -475,9 +475,16 @@ def test_every_method_has_a_valid_worked_example_in_the_openapi_document() -> No
     assert {use.method for use in composed.uses()} == {"ip_adapter", "controlnet", "lora"}
 
 
-def test_every_job_example_is_accepted_by_the_api(api_client: TestClient, acme: ApiTenant) -> None:
+def test_every_job_example_is_accepted_by_the_api(
+    api_client: TestClient, acme: ApiTenant, api_settings: Settings
+) -> None:
+    with session_scope(api_settings.database_url) as session:
+        # hyper_lora trains on one folder per concept.
+        names = [f"concept-{i // 2}/{i}.png" for i in range(8)]
+        concepts = insert_dataset(session, acme.tenant_id, names=names)
     for method, example in JOB_EXAMPLES.items():
-        request = {**example["value"], "dataset_id": acme.dataset_id}
+        dataset_id = concepts if method == "hyper_lora" else acme.dataset_id
+        request = {**example["value"], "dataset_id": dataset_id}
         response = api_client.post("/v1/jobs", json=request, headers=acme.headers)
         assert response.status_code == 201, (method, response.text)
         assert response.json()["method"] == method

@@ -17,6 +17,7 @@ from sqlalchemy import select
 from api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
 from api.files import file_url
 from api.pagination import page
+from api.routes.artifacts import get_owned_artifact
 from api.routes.datasets import get_owned_dataset
 from api.schemas import (
     DeletedPublic,
@@ -32,8 +33,10 @@ from core.base_models import BaseModelNotAllowed, get_base_model_info
 from core.db import new_session
 from core.errors import ApiError, not_found
 from core.fitting import JobFit, plan_job
+from core.generation_images import image_exists
+from core.init_from import check_compatible
 from core.limits import check_queued, check_storage, lock_tenant, tenant_limits
-from core.methods.params import METHOD_INFO, JobSpec
+from core.methods.params import METHOD_INFO, JobSpec, LoraParams
 from core.models import DatasetStatus, Job, JobEvent, JobStatus
 from worker.app import send_train
 
@@ -42,11 +45,40 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 KEEPALIVE_S = 15.0
 
 
-def _check_inputs(session: SessionDep, settings: SettingsDep, tenant_id: str, body: JobCreate) -> None:
+def _check_init_from(session: SessionDep, storage: StorageDep, tenant_id: str, body: JobCreate) -> None:
+    """The hyper_lora artifact and the reference images exist for this tenant, and the LoRA the
+    job asks for is the one the hyper_lora predicts (base, rank, alpha, targets)."""
+    init = body.init_from
+    assert init is not None and isinstance(body.params, LoraParams)  # JobSpec's own check
+    artifact = get_owned_artifact(session, tenant_id, init.hyper_lora)
+    problems = check_compatible(
+        {**artifact.manifest, "method": artifact.method, "base_model": artifact.base_model},
+        base_model=body.base_model,
+        lora=body.params,
+    )
+    if problems:
+        raise ApiError(
+            422,
+            "artifact_incompatible",
+            f"init_from.hyper_lora: artifact {artifact.id} cannot start this job: {'; '.join(problems)}",
+            errors=[{"pointer": "/init_from/hyper_lora", "message": p} for p in problems],
+        )
+    for image_id in init.images:
+        if not image_exists(image_id, tenant_id, storage):
+            raise not_found("image", image_id)
+
+
+def _check_inputs(
+    session: SessionDep, settings: SettingsDep, storage: StorageDep, tenant_id: str, body: JobCreate
+) -> None:
     try:
         get_base_model_info(body.base_model, settings)
     except BaseModelNotAllowed as exc:
         raise ApiError(422, "base_model_not_allowed", str(exc)) from exc
+    if body.init_from is not None:
+        _check_init_from(session, storage, tenant_id, body)
+    if body.dataset_id is None:  # init_from's reference images are the training set
+        return
     dataset = get_owned_dataset(session, tenant_id, body.dataset_id)
     if dataset.status != DatasetStatus.ready:
         raise ApiError(422, "dataset_not_ready", f"dataset {dataset.id} is {dataset.status}, not ready")
@@ -146,7 +178,7 @@ def create_job(
     spec, webhook = body.job_spec(), body.webhook()
     if dry_run:
         # Nothing is created, so an Idempotency-Key has nothing to replay or reserve.
-        _check_inputs(session, settings, tenant_id, body)
+        _check_inputs(session, settings, storage, tenant_id, body)
         _check_webhook(settings, body)
         response.status_code = 200
         return JobPlanPublic.of(plan_job(spec=spec, settings=settings, session=session))
@@ -162,7 +194,7 @@ def create_job(
             )
             if replay is not None:
                 return _replayed(response, replay)
-        _check_inputs(session, settings, tenant_id, body)
+        _check_inputs(session, settings, storage, tenant_id, body)
         _check_webhook(settings, body)
         fit = _fit(session, settings, spec)
         _check_limits(session, settings, storage, tenant_id)

@@ -21,6 +21,7 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "hypernetwork": ("core.methods.hypernetwork", "HypernetworkMethod"),
     "controlnet": ("core.methods.controlnet", "ControlNetMethod"),
     "ip_adapter": ("core.methods.ip_adapter", "IPAdapterMethod"),
+    "hyper_lora": ("core.methods.hyper_lora", "HyperLoraMethod"),
 }
 
 

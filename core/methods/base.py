@@ -80,6 +80,19 @@ class Trainable(torch.nn.Module):
         for name, tensor in state.items():
             own[name].copy_(tensor)
 
+    @torch.no_grad()
+    def load_initial_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Start some trainable tensors from given values (the rest keep their own init)."""
+        own = {name: p for name, p in self.named_parameters() if p.requires_grad}
+        wrong = [n for n, t in state.items() if n not in own or own[n].shape != t.shape]
+        if wrong:
+            raise MethodInputError(
+                "init_mismatch",
+                f"the initial weights do not fit this model ({len(wrong)} tensors, e.g. {wrong[0]})",
+            )
+        for name, tensor in state.items():
+            own[name].copy_(tensor)
+
     def forward(self, batch: Batch) -> torch.Tensor:
         hidden, added = self.conditioning(batch)
         noisy = self.objective.add_noise(batch.latents, batch.noise, batch.timesteps)

@@ -10,10 +10,19 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
-MethodName = Literal["lora", "dreambooth", "textual_inversion", "hypernetwork", "controlnet", "ip_adapter"]
+MethodName = Literal[
+    "lora", "dreambooth", "textual_inversion", "hypernetwork", "controlnet", "ip_adapter", "hyper_lora"
+]
 # A token users put in prompts: one word, printable, no spaces (A1111 and diffusers key files by it).
 TOKEN_PATTERN = r"^[^\s]+$"
+
+
+def field_error(pointer: str, message: str) -> PydanticCustomError:
+    """A model-level check's error about one field: the API's problem+json points at `pointer`
+    (relative to the model, e.g. "/training/max_steps") instead of at the whole model."""
+    return PydanticCustomError("value_error", message, {"field_pointer": pointer})
 
 
 class StrictModel(BaseModel):
@@ -205,13 +214,74 @@ class IPAdapterParams(MethodParamsBase):
         return self
 
 
+# A hyper_lora dataset: one folder per concept (`<concept>/x.png`, or `<root>/<concept>/x.png` when
+# the zip wraps everything in one folder), at least this many concepts with this many images each.
+MIN_CONCEPTS = 4
+MIN_IMAGES_PER_CONCEPT = 2
+
+
+def concept_of(name: str) -> str | None:
+    """The concept folder of a dataset file name; None for a file at the top level."""
+    parts = name.split("/")
+    return parts[-2] if len(parts) > 1 else None
+
+
+class HyperLoraParams(MethodParamsBase):
+    """A network that predicts a LoRA (UNet attention, peft layout) from reference images; trained
+    over many concepts, it starts `lora` jobs given `init_from` (HyperDreamBooth, Ruiz et al. 2023)."""
+
+    method: Literal["hyper_lora"] = "hyper_lora"
+    rank: int = Field(4, ge=1, le=64, description="Rank of the LoRAs it predicts")
+    alpha: float | None = Field(
+        None, gt=0, le=1024, description="LoRA alpha of the predictions. Default: rank."
+    )
+    targets: Literal["attention", "attention+conv+ff"] = Field(
+        "attention", description="UNet layers of the LoRAs it predicts (as the lora method's targets)"
+    )
+    basis_size: int = Field(16, ge=1, le=256, description="Learned low-rank factors per layer it mixes")
+    hidden_dim: int = Field(
+        128, ge=16, le=2048, multiple_of=4, description="Width of the network over the image tokens"
+    )
+    instance_prompt: str = Field(
+        "a photo of sks",
+        min_length=1,
+        max_length=500,
+        description="Caption of images that have none; personalised LoRAs answer to it",
+    )
+
+    @property
+    def effective_alpha(self) -> float:
+        return float(self.alpha if self.alpha is not None else self.rank)
+
+    def dataset_problems(self, report: dict[str, Any]) -> list[str]:
+        counts: dict[str | None, int] = {}
+        for accepted in report.get("accepted", []):
+            concept = concept_of(accepted["name"])
+            counts[concept] = counts.get(concept, 0) + 1
+        problems = []
+        if None in counts:
+            problems.append(
+                f"{counts.pop(None)} image(s) are not in a concept folder (put each concept's images "
+                "in a folder of its own)"
+            )
+        small = sorted(c for c, n in counts.items() if c is not None and n < MIN_IMAGES_PER_CONCEPT)
+        if small:
+            problems.append(
+                f"concept folder(s) {', '.join(small[:5])} have fewer than {MIN_IMAGES_PER_CONCEPT} images"
+            )
+        if len(counts) < MIN_CONCEPTS:
+            problems.append(f"{len(counts)} concept folder(s); at least {MIN_CONCEPTS} are needed")
+        return problems
+
+
 MethodParams = Annotated[
     LoraParams
     | DreamBoothParams
     | TextualInversionParams
     | HypernetworkParams
     | ControlNetParams
-    | IPAdapterParams,
+    | IPAdapterParams
+    | HyperLoraParams,
     Field(discriminator="method"),
 ]
 
@@ -268,12 +338,21 @@ METHOD_INFO: dict[str, MethodInfo] = {
             1,
             "An IP-Adapter: generation guided by a reference image",
         ),
+        MethodInfo(
+            "hyper_lora",
+            HyperLoraParams,
+            "concept_images",
+            MIN_CONCEPTS * MIN_IMAGES_PER_CONCEPT,
+            "Predicts a LoRA from 1-5 reference images (lora jobs start from it via init_from)",
+        ),
     )
 }
 
 
 class TrainingParams(StrictModel):
-    max_steps: int = Field(500, ge=1, le=100_000)
+    max_steps: int = Field(
+        500, ge=0, le=100_000, description="0 only with init_from: the predicted LoRA as it is"
+    )
     learning_rate: float = Field(1e-4, gt=0, le=1.0)
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
     warmup_steps: int = Field(0, ge=0, le=100_000)
@@ -299,6 +378,13 @@ class TrainingParams(StrictModel):
     optimizer: Literal["adamw", "adamw_8bit", "adafactor"] = Field(
         "adamw", description="adamw_8bit needs bitsandbytes on the worker; adafactor keeps factored moments"
     )
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Capture the training step with torch.compile (CUDA graphs on CUDA). on: from the "
+        "first step; auto: only when the job's remaining steps repay the compile time, judged from a "
+        "few timed eager steps; off: eager (a resumed run is then bit-identical on CPU). Compile time "
+        "is reported apart (metrics.compile) and left out of images_per_s",
+    )
     # Read by the API only (core/fitting.py); the loop trains the settings as stored.
     fit: Literal["off", "auto"] = Field(
         "off",
@@ -321,13 +407,38 @@ class TrainingParams(StrictModel):
         return self
 
 
+class InitFrom(StrictModel):
+    """Where a lora job's adapters start: the LoRA a hyper_lora predicts from reference images."""
+
+    hyper_lora: str = Field(pattern=r"^art_[0-9a-f]+$", max_length=64, description="A hyper_lora artifact id")
+    images: list[Annotated[str, Field(pattern=r"^img_[0-9a-f]+$", max_length=64)]] = Field(
+        min_length=1, max_length=5, description="1-5 reference images of the concept (POST /v1/images ids)"
+    )
+
+
 class JobSpec(StrictModel):
     """What a job trains; stored on the job row and handed to the worker as-is."""
 
     base_model: str = Field(min_length=1, max_length=200)
-    dataset_id: str = Field(min_length=1, max_length=64)
+    dataset_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=64,
+        description="Required, except with init_from: the reference images are then the training set",
+    )
     params: MethodParams
     training: TrainingParams = Field(default_factory=TrainingParams)
+    init_from: InitFrom | None = Field(None, description="lora only: start from a hyper_lora's prediction")
+
+    @model_validator(mode="after")
+    def _init_from(self) -> JobSpec:
+        if self.init_from is not None and self.params.method != "lora":
+            raise field_error("/init_from", "init_from starts lora jobs only (params.method must be lora)")
+        if self.init_from is None and self.dataset_id is None:
+            raise field_error("/dataset_id", "dataset_id is required (only init_from may leave it out)")
+        if self.init_from is None and self.training.max_steps == 0:
+            raise field_error("/training/max_steps", "must be at least 1 (0 only with init_from)")
+        return self
 
 
 def method_schemas() -> dict[str, dict]:

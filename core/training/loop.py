@@ -292,12 +292,14 @@ def train(
     hooks: TrainingHooks,
     device: torch.device,
     name: str = "atelier",
+    initial_state: dict[str, torch.Tensor] | None = None,
 ) -> TrainResult:
     """Train `spec` on `items`; write the artifact (and its manifest, last) under workdir/artifact.
 
     `base` is best loaded in fp32: frozen weights are cast here to the training precision, trainable
     ones kept in fp32. `StopTraining` raised by the hooks propagates to the caller. `name` is the
-    file stem of the exports (A1111 prompts refer to a LoRA by it).
+    file stem of the exports (A1111 prompts refer to a LoRA by it). `initial_state` sets some
+    trainable tensors before the first step (a hyper_lora's predicted LoRA); a checkpoint still wins.
     """
     training = spec.training
     method = get_method(spec.params.method)
@@ -306,6 +308,8 @@ def train(
     torch.manual_seed(training.seed)  # adapter initialisation is part of the run's determinism
     _freeze(base)
     trainable = method.build(base, spec.params, training, device=device)
+    if initial_state is not None:  # a start other than the method's own init (init_from)
+        trainable.load_initial_state(initial_state)
     _prepare_models(base, trainable, device, precision, training)
     with torch.no_grad(), autocast(device, precision):
         # Methods may generate here (DreamBooth's class images) with the base as it is before training.

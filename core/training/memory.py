@@ -290,6 +290,34 @@ def ip_adapter_params(unet: dict[str, Any], image_embed: int, tokens: int = 4) -
     return p
 
 
+def _lora_layers(unet: dict[str, Any], conv_ff: bool) -> int:
+    """How many layers the `lora` method's targets select (what lora_params sums over)."""
+    count = 0
+    for block in unet_blocks(unet):
+        if block.kind == "transformer":
+            count += (8 + (2 if conv_ff else 0)) * block.layers + (2 if conv_ff else 0)
+        elif block.kind == "resnet" and conv_ff:
+            count += 2 + (block.c_in != block.c_out)
+    return count
+
+
+def hyper_lora_params(unet: dict[str, Any], token_dim: int, params: Any) -> Params:
+    """core.methods.hyper_lora.HyperLoraNetwork, exactly: the token mixer, the coefficient heads
+    and a basis of `basis_size` LoRAs per layer."""
+    hidden, basis = params.hidden_dim, params.basis_size
+    conv_ff = params.targets == "attention+conv+ff"
+    mixer = _linear(hidden, 3 * hidden) + _linear(hidden, hidden) + _norm(hidden) * 2
+    mixer += _linear(hidden, 2 * hidden) + _linear(2 * hidden, hidden)
+    heads = _linear(hidden, _lora_layers(unet, conv_ff) * 2 * basis)
+    return (
+        _norm(token_dim)
+        + _linear(token_dim, hidden)
+        + mixer
+        + heads
+        + lora_params(unet, params.rank, conv_ff) * basis
+    )
+
+
 def controlnet_embedding(arch: Architecture, params: Any) -> list[int]:
     if params.conditioning_embedding_out_channels:
         return list(params.conditioning_embedding_out_channels)
@@ -321,6 +349,8 @@ def trained_params(spec: JobSpec, arch: Architecture) -> Params:
     if method == "controlnet":
         return controlnet_params(unet, controlnet_embedding(arch, params))
     image = arch.image_encoder or {}
+    if method == "hyper_lora":
+        return hyper_lora_params(unet, int(image.get("hidden_size", 1280)), params)
     return ip_adapter_params(unet, int(image.get("projection_dim", 1024)))
 
 
@@ -337,7 +367,7 @@ def frozen_bytes(spec: JobSpec, arch: Architecture, weight_bytes: int) -> int:
         name = ("text_encoder", "text_encoder_2")[i]
         if name not in trained:
             total += text_encoder_params(te, projection=i == 1).total * weight_bytes
-    if method == "ip_adapter" and arch.image_encoder:
+    if method in ("ip_adapter", "hyper_lora") and arch.image_encoder:
         total += image_encoder_params(arch.image_encoder).total * 4
     return total
 
