@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import Depends, Request
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from core.config import Settings, get_settings
@@ -15,6 +17,8 @@ from core.limits import tenant_limits
 from core.rate_limit import WINDOW_S, limiter_for
 from core.storage import Storage, make_storage
 from core.tenants import KeyState, check_key
+
+log = logging.getLogger(__name__)
 
 
 def settings_dep() -> Settings:
@@ -29,7 +33,13 @@ def get_db(settings: SettingsDep) -> Iterator[Session]:
     try:
         yield session
     finally:
-        session.close()
+        try:
+            session.close()
+        except OperationalError:
+            # The connection died after the request's work (the database restarted or the network
+            # cut): the server already rolled back, the pool drops the connection. Raising here,
+            # with the response already started, would make uvicorn drop the client's connection.
+            log.warning("closing a session on a dead database connection", exc_info=True)
 
 
 SessionDep = Annotated[Session, Depends(get_db)]

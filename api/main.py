@@ -10,6 +10,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api import openapi_examples
@@ -105,6 +106,18 @@ def install_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return _problem(request, ApiError(exc.status_code, code, str(exc.detail)))
+
+    @app.exception_handler(OperationalError)
+    async def database_unavailable(request: Request, exc: OperationalError) -> JSONResponse:
+        # The database is unreachable (restarting, failing over, the network cut): the request is
+        # fine and a retry will do, so 503 with Retry-After rather than a 500. Registered for this
+        # class, not caught by `unexpected` below: Starlette re-raises what its catch-all handles,
+        # and uvicorn then drops the connection (a session closing on a dead connection raises it).
+        log.warning("database unavailable on %s: %s", request.url.path, exc.orig)
+        detail = "the database is unreachable; try again shortly"
+        return _problem(
+            request, ApiError(503, "database_unavailable", detail, headers={"Retry-After": "5"})
+        )
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
