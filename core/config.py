@@ -70,6 +70,9 @@ class Settings(BaseSettings):
     job_time_limit_s: int = 24 * 3600
     queued_redispatch_s: float = 120.0  # a queued job older than this with no claim is re-sent
     reap_interval_s: float = 30.0
+    # A trained artifact whose upload fails (S3 down) is retried, with backoff, this long before the
+    # attempt gives up: waiting out an outage beats training again from the last checkpoint.
+    artifact_upload_retry_s: float = 600.0
     # SIGTERM/SIGINT: a worker's running job stops at its next progress report (a few seconds) and is
     # handed back; a process still busy after this long is killed (its job handed back all the same).
     # Keep a container's stop grace period above it (docker-compose.yml stop_grace_period).

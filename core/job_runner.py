@@ -15,6 +15,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from core.config import Settings
 from core.db import session_scope
 from core.logs import log_context
 from core.models import Dataset, Job, JobStatus
-from core.storage import ObjectNotFound, Storage, download_prefix, upload_dir
+from core.storage import ObjectNotFound, Storage, StorageError, download_prefix, upload_dir
 
 log = logging.getLogger(__name__)
 
@@ -327,10 +328,10 @@ def _attempt(
         hooks.heartbeat.flush()  # the upload's final count, which the heartbeat may be holding back
         outcome = _finish(settings, job.id, attempt, JobStatus.succeeded, artifact=artifact)
         if outcome == "lease_lost":
-            storage.delete_prefix(attempt_prefix + "/")  # another attempt owns the job now
+            _discard(storage, attempt_prefix)  # another attempt owns the job now
         return outcome
     except StopTraining as stop:
-        storage.delete_prefix(attempt_prefix + "/")
+        _discard(storage, attempt_prefix)
         if stop.reason == "canceled":
             return _finish(settings, job.id, attempt, JobStatus.canceled)
         if stop.reason == "shutdown":
@@ -339,18 +340,48 @@ def _attempt(
         log.warning("job %s attempt %s lost its lease; stopping", job.id, attempt)
         return "lease_lost"
     except jobs.LeaseLost:
-        storage.delete_prefix(attempt_prefix + "/")
+        _discard(storage, attempt_prefix)
         return "lease_lost"
     except (PermanentJobError, MethodInputError) as exc:
-        storage.delete_prefix(attempt_prefix + "/")
+        _discard(storage, attempt_prefix)
         return _finish(settings, job.id, attempt, JobStatus.failed, code=exc.code, message=str(exc))
     except Exception as exc:
-        storage.delete_prefix(attempt_prefix + "/")
+        _discard(storage, attempt_prefix)
         code = _classify(exc)
         if code == "gpu_oom":
             return _finish(settings, job.id, attempt, JobStatus.failed, code=code, message=str(exc)[:2000])
         log.exception("job %s attempt %s failed; releasing it for a retry", job.id, attempt)
         return _release(settings, job.id, attempt, code, f"{type(exc).__name__}: {exc}"[:2000])
+
+
+def _discard(storage: Storage, prefix: str) -> None:
+    """Delete an ended attempt's partial artifact. A storage failure (S3 down) is logged, not raised:
+    raised here it would hide why the attempt ended and skip handing the job on. No row names the
+    folder, and deleting the job removes it."""
+    try:
+        storage.delete_prefix(prefix + "/")
+    except StorageError:
+        log.warning("could not delete %s; deleting the job removes it", prefix, exc_info=True)
+
+
+def _retry_storage(settings: Settings, hooks: JobHooks, what: str, action: Callable[[], None]) -> None:
+    """Run `action`, retrying storage errors with backoff for up to `artifact_upload_retry_s`. For
+    work that exists only on this machine (the trained artifact): an S3 outage is waited out, the
+    heartbeat keeping the lease, rather than the training thrown away and done again. A cancel or a
+    lost lease ends the wait."""
+    deadline = time.monotonic() + settings.artifact_upload_retry_s
+    delay = 1.0
+    while True:
+        try:
+            action()
+            return
+        except StorageError as exc:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("%s failed (%s); retrying in %.0f s", what, exc, delay)
+        time.sleep(delay)
+        hooks._stop_if_asked()
+        delay = min(delay * 2, 10.0)
 
 
 def _classify(exc: Exception) -> str:
@@ -429,13 +460,17 @@ def _train_and_store(
     # aside rather than copying the artifact (gigabytes for DreamBooth) to leave it out.
     manifest_path.unlink()
     files = sum(1 for path in result.artifact_dir.rglob("*") if path.is_file()) + 1  # and the manifest
-    upload_dir(
-        storage,
-        result.artifact_dir,
-        prefix,
-        on_progress=lambda done, _: hooks.phase("uploading", done=done, total=files),
-    )
-    storage.put_bytes(f"{prefix}/{MANIFEST_NAME}", manifest_bytes, content_type="application/json")
+
+    def store() -> None:  # the same keys each time: a retry overwrites what a failed try left
+        upload_dir(
+            storage,
+            result.artifact_dir,
+            prefix,
+            on_progress=lambda done, _: hooks.phase("uploading", done=done, total=files),
+        )
+        storage.put_bytes(f"{prefix}/{MANIFEST_NAME}", manifest_bytes, content_type="application/json")
+
+    _retry_storage(settings, hooks, f"storing job {job.id}'s artifact", store)
     hooks.phase("uploading", done=files, total=files)
     return jobs.ArtifactRecord(storage_prefix=prefix, manifest=manifest)
 
