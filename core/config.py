@@ -73,6 +73,10 @@ class Settings(BaseSettings):
     # A trained artifact whose upload fails (S3 down) is retried, with backoff, this long before the
     # attempt gives up: waiting out an outage beats training again from the last checkpoint.
     artifact_upload_retry_s: float = 600.0
+    # A dataset still `validating` this long after its upload began lost its API process mid-upload
+    # (killed, redeployed): the reaper deletes what was stored and marks it `upload_interrupted`.
+    # Keep it above the longest upload's validation (max_upload_bytes of images).
+    dataset_upload_timeout_s: float = 3600.0
     # SIGTERM/SIGINT: a worker's running job stops at its next progress report (a few seconds) and is
     # handed back; a process still busy after this long is killed (its job handed back all the same).
     # Keep a container's stop grace period above it (docker-compose.yml stop_grace_period).

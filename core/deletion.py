@@ -23,6 +23,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import Select, delete, select, update
@@ -44,7 +45,8 @@ from core.models import (
     JobStatus,
     WebhookDelivery,
 )
-from core.storage import Storage, StorageError
+from core.storage import Storage, StorageError, make_storage
+from core.timeutil import utcnow
 
 ACTIVE = (JobStatus.queued, JobStatus.running)
 CACHE_EVENT = "cached_images"
@@ -213,3 +215,33 @@ def _active_generation(session: Session, tenant_id: str, uses: Callable[[Artifac
         if any(uses(ref) for ref in refs):
             return generation_id
     return None
+
+
+def reap_interrupted_uploads(*, session: Session, settings: Settings) -> list[str]:
+    """Datasets still `validating` `dataset_upload_timeout_s` after their upload began: the API
+    process storing them died mid-upload, so nothing will finish them. What was stored goes first,
+    then the row turns `invalid` (`upload_interrupted`), never trainable, telling its owner to upload
+    again; a storage failure leaves it for the next round. Returns the ids cleaned up."""
+    cutoff = utcnow() - timedelta(seconds=settings.dataset_upload_timeout_s)
+    stale = session.scalars(
+        select(Dataset).where(Dataset.status == DatasetStatus.validating, Dataset.created_at < cutoff)
+    ).all()
+    if not stale:
+        return []
+    storage = make_storage(settings)  # built only when needed: S3 clients are costly
+    cleaned = []
+    for dataset in stale:
+        storage.delete_prefix(dataset.storage_prefix + "/")
+        result = session.execute(
+            update(Dataset)
+            .where(Dataset.id == dataset.id, Dataset.status == DatasetStatus.validating)
+            .values(
+                status=DatasetStatus.invalid,
+                error_code="upload_interrupted",
+                error_message="the upload was interrupted before it was stored; upload the files again",
+            )
+        )
+        session.commit()
+        if result.rowcount:
+            cleaned.append(dataset.id)
+    return cleaned

@@ -12,7 +12,7 @@ import socket
 
 from celery import shared_task
 
-from core import jobs, webhook_delivery
+from core import deletion, jobs, webhook_delivery
 from core.config import get_settings
 from core.db import session_scope
 from core.logs import log_context
@@ -57,11 +57,16 @@ def generate(generation_id: str) -> str | None:
 
 @shared_task(name=REAP_TASK, acks_late=True)
 def reap_stale_jobs() -> dict[str, list[str]]:
-    """Re-queue jobs whose worker died and re-send queued jobs whose message was lost."""
+    """Re-queue jobs whose worker died and re-send queued jobs whose message was lost; clean up
+    dataset uploads whose API process died mid-upload."""
     settings = get_settings()
     with session_scope(settings.database_url) as session:
         requeued = jobs.reap_stale(session=session)
         lost = jobs.undispatched(session=session, older_than_s=settings.queued_redispatch_s)
+    with session_scope(settings.database_url) as session:
+        interrupted = deletion.reap_interrupted_uploads(session=session, settings=settings)
+    if interrupted:
+        log.info("reaper: cleaned up interrupted dataset uploads %s", interrupted)
     resent = []
     for job_id in dict.fromkeys(requeued + lost):
         try:
