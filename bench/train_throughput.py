@@ -90,12 +90,22 @@ def method_params(method: str, base: Any, args: argparse.Namespace) -> dict[str,
         }
     if method == "controlnet":
         return {"method": "controlnet", "conditioning_embedding_out_channels": controlnet_channels(base)}
+    if method in ("hypernetwork", "ip_adapter"):
+        return {"method": method}  # their defaults; diffusers has no example script to match
     raise ValueError(f"unknown method {method!r}")
 
 
 def atelier_rate(
-    base: Any, items: list[Item], class_items: list[Item], args: argparse.Namespace, device: torch.device
-) -> float:
+    base: Any,
+    items: list[Item],
+    class_items: list[Item],
+    args: argparse.Namespace,
+    device: torch.device,
+    *,
+    compile: str = "off",
+) -> tuple[float, Any]:
+    """Images/s of Atelier's loop over the timed steps, and its TrainResult. With `compile` "on"
+    the warm-up steps include the compiling ones, so the rate is the steady state."""
     from core.training.loop import train
 
     spec = JobSpec(
@@ -109,13 +119,14 @@ def atelier_rate(
             "resolution": args.resolution,
             "gradient_checkpointing": args.gradient_checkpointing,
             "seed": args.seed,
+            "compile": compile,
         },
     )
     hooks = TimingHooks(args.warmup, [item.image for item in class_items])
     with tempfile.TemporaryDirectory() as workdir:
-        train(spec=spec, base=base, items=items, workdir=Path(workdir), hooks=hooks, device=device)
+        result = train(spec=spec, base=base, items=items, workdir=Path(workdir), hooks=hooks, device=device)
     elapsed = hooks.marks[args.warmup + args.steps] - hooks.marks[args.warmup]
-    return args.steps * args.batch_size / elapsed
+    return args.steps * args.batch_size / elapsed, result
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -135,6 +146,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument(
+        "--compile", choices=["off", "on"], default="off", help="training.compile (on: captured step)"
+    )
     args = parser.parse_args(argv)
     if args.warmup < 1 or args.steps < 1:
         # Atelier's clock starts at the report after the last warm-up step: there must be one.
@@ -171,10 +185,16 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         rank=args.rank,
         gradient_checkpointing=args.gradient_checkpointing,
     )
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     reference = reference_rate(args.method, fresh_base(), items, class_items, settings, device)
+    reference_peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    atelier = atelier_rate(fresh_base(), items, class_items, args, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    atelier, result = atelier_rate(fresh_base(), items, class_items, args, device, compile=args.compile)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return {
         "method": args.method,
         "model": args.size or args.base,
@@ -186,6 +206,13 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "reference_img_s": round(reference, 3),
         "atelier_img_s": round(atelier, 3),
         "ratio": round(atelier / reference, 2),
+        "compile": args.compile,
+        "compile_s": round(result.compile["compile_s"], 1),
+        "graphs": result.compile["graphs"],
+        "graph_breaks": result.compile["graph_breaks"],
+        "final_loss": result.final_loss,
+        "atelier_peak_gib": round(peak, 2) if peak is not None else None,
+        "reference_peak_gib": round(reference_peak, 2) if reference_peak is not None else None,
     }
 
 

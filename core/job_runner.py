@@ -11,6 +11,7 @@ import functools
 import io
 import json
 import logging
+import os
 import shutil
 import tempfile
 import threading
@@ -416,6 +417,9 @@ def _train_and_store(
         if not items:
             raise PermanentJobError("dataset_empty", f"dataset {dataset.id} has no images")
     device, _ = pick_device(settings)
+    # Compiled training steps (training.compile) persist in inductor's disk cache: keep it beside the
+    # model cache, which outlives /tmp and is shared by this host's workers (a deployment may set it).
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(settings.model_cache or ".") / "compile-cache"))
     # Frozen components load straight into the training's low-precision dtype (an fp32 SDXL would
     # need 14 GB on the device first); trained ones in fp32, so full fine-tunes never start from
     # bf16 copies.

@@ -53,6 +53,8 @@ def _request_body(spec: JobSpec, webhook: WebhookTarget | None) -> dict[str, Any
     if body["training"]["fit"] == "off":
         # The default is left out, so a key used before training.fit existed still hashes the same.
         del body["training"]["fit"]
+    if body["training"]["compile"] == "auto":
+        del body["training"]["compile"]  # likewise for training.compile
     if webhook is not None:
         # Added only when present, so a key used before webhooks existed still hashes the same.
         body["webhook"] = webhook.as_dict()

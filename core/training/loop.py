@@ -10,6 +10,7 @@ checkpoint carries the optimizer, scheduler and RNG state, so a resumed run ends
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import shutil
@@ -29,6 +30,7 @@ from core.methods.base import Trainable
 from core.methods.params import JobSpec, TrainingParams
 from core.training import checkpoint
 from core.training.caching import (
+    Batch,
     CaptionedImage,
     PairedData,
     TrainingData,
@@ -37,6 +39,16 @@ from core.training.caching import (
 )
 from core.training.optim import Precision, autocast, make_optimizer, resolve_precision
 from core.training.progress import TrainingHooks, phase_reporter
+from core.training.step import (
+    AUTO_PROBE_STEPS,
+    CompiledForward,
+    CompileStats,
+    compile_cost_key,
+    expected_compile_s,
+    forget_compiled,
+    record_compile_cost,
+    repays,
+)
 
 log = logging.getLogger(__name__)
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
@@ -52,6 +64,7 @@ class TrainResult:
     images_per_s: float
     loss_history: list[tuple[int, float]] = field(default_factory=list)
     exports: dict[str, list[str]] = field(default_factory=dict)  # format -> files under exports/
+    compile: dict[str, Any] = field(default_factory=dict)  # CompileStats.as_dict()
 
 
 def _prepare_models(
@@ -106,6 +119,8 @@ class _Run:
     hooks: TrainingHooks
     workdir: Path
     resolution: int
+    compile_stats: CompileStats
+    compiled: CompiledForward | None = None
 
     @property
     def training(self) -> TrainingParams:
@@ -115,16 +130,33 @@ class _Run:
         return autocast(self.device, self.precision)
 
 
-def _optimizer_step(run: _Run, step: int, params: list[torch.nn.Parameter]) -> tuple[torch.Tensor, int]:
-    """One optimizer step (0-based `step`) over its micro-batches: (mean loss on device, images)."""
+def _forward(run: _Run, batch: Batch) -> torch.Tensor:
+    with run.autocast():
+        return run.trainable(batch)
+
+
+def _optimizer_step(run: _Run, step: int, params: list[torch.nn.Parameter]) -> tuple[torch.Tensor, int, bool]:
+    """One optimizer step (0-based `step`) over its micro-batches: (mean loss on device, images,
+    whether a micro-batch compiled a new graph, so the step is left out of images/s)."""
     accumulation = run.training.gradient_accumulation_steps
     total = torch.zeros((), device=run.device)
-    images = 0
+    images, compiled_now = 0, False
+
+    def backward(loss: torch.Tensor) -> None:
+        run.scaler.scale(loss / accumulation).backward()
+
     for micro in range(accumulation):
         batch = run.data.micro_batch(step * accumulation + micro)
-        with run.autocast():
-            loss = run.trainable(batch)
-        run.scaler.scale(loss / accumulation).backward()
+        compiled = run.compiled
+        if compiled is None:
+            loss = _forward(run, batch)
+            backward(loss)
+        elif compiled.is_new(batch):
+            loss = _compiling_call(run, compiled, batch, backward)
+            compiled_now = True
+        else:
+            loss = compiled(batch)
+            backward(loss)
         total += loss.detach()
         images += len(batch)
     run.scaler.unscale_(run.optimizer)
@@ -133,7 +165,21 @@ def _optimizer_step(run: _Run, step: int, params: list[torch.nn.Parameter]) -> t
     run.scaler.update()
     run.lr_scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    return total / accumulation, images
+    return total / accumulation, images, compiled_now
+
+
+def _compiling_call(
+    run: _Run, compiled: CompiledForward, batch: Batch, backward: Callable[[torch.Tensor], None]
+) -> torch.Tensor:
+    """Forward and backward of a batch shape not compiled yet. Compiling happens before any
+    gradient is written, so when it fails the micro-batch runs eagerly and the job goes on eager."""
+    try:
+        return compiled.compiling_call(batch, backward)
+    except Exception as exc:  # any backend failure: no C compiler, an unsupported op
+        _compile_failed(run, exc)
+        loss = _forward(run, batch)
+        backward(loss)
+        return loss
 
 
 class _Meter:
@@ -167,6 +213,13 @@ class _Meter:
         self.count += 1
         self.images += images
         self.images_total += images
+
+    def add_untimed(self, loss: torch.Tensor, elapsed: float) -> None:
+        """A step whose time went mostly to compiling: its loss counts, its time and images don't."""
+        self.loss += loss
+        self.count += 1
+        self.since += elapsed
+        self.started += elapsed
 
     def flush(self) -> tuple[float, float]:
         """(mean loss, images/s) since the last flush."""
@@ -227,6 +280,97 @@ def _samples(run: _Run, step: int) -> None:
     run.hooks.save_samples(step=step, images=images, prompts=prompts)
 
 
+def _batch_shapes(data: TrainingData | PairedData) -> int:
+    """How many distinct micro-batch shapes the run will see: per bucket, the full batch and a
+    short last one when the bucket does not divide (each is one compiled graph set)."""
+    sampler = (data.instance if isinstance(data, PairedData) else data).sampler
+    size = sampler.batch_size
+    return sum((n >= size) + (n % size != 0) for n in sampler.bucket_lengths)
+
+
+def _architecture(run: _Run) -> str:
+    """A key for "same compile cost": the base's architecture signature, else its id."""
+    signature = architecture_of_folder(Path(run.trainable.base.path))
+    return json.dumps(signature, sort_keys=True) if signature else run.spec.base_model
+
+
+def _enable_compile(run: _Run, step: int, reason: str) -> None:
+    """Compile from 1-based step `step` on: the method's forward + loss, per batch shape."""
+    stats = run.compile_stats
+    stats.enabled, stats.reason, stats.compiled_at_step = True, reason, step
+
+    def loss_fn(batch: Batch) -> torch.Tensor:
+        return _forward(run, batch)
+
+    _prime(run, step)
+    try:
+        run.compiled = CompiledForward(loss_fn, run.device, stats)
+    except Exception as exc:  # an unknown backend, a torch build without dynamo: stay eager
+        _compile_failed(run, exc)
+        return
+    log.info("compiling the training step from step %d: %s", step, reason)
+
+
+def _prime(run: _Run, step: int) -> None:
+    """One eager forward before compiling, for models that set themselves up lazily on their first
+    call: transformers 5 installs its hidden-state capture hooks (behind a lock) the first time a
+    text encoder is asked for hidden states, which would break the graph of SDXL textual inversion.
+    Without gradients and in eval mode (no dropout draws); the batch is a pure function of its
+    index, so the run's random streams are untouched."""
+    batch = run.data.micro_batch((step - 1) * run.training.gradient_accumulation_steps)
+    run.trainable.eval()
+    try:
+        with torch.no_grad():
+            _forward(run, batch)
+    finally:
+        run.trainable.train()
+
+
+def _compile_failed(run: _Run, exc: Exception) -> None:
+    log.warning("compiling the training step failed; training eagerly: %s", exc)
+    stats = run.compile_stats
+    stats.enabled, stats.reason = False, f"compile failed: {type(exc).__name__}: {exc}"[:500]
+    run.compiled = None
+
+
+class _AutoCompile:
+    """training.compile = "auto": time a few eager steps, then compile only if the steps left save
+    more than compiling is expected to cost."""
+
+    def __init__(self, run: _Run, start: int) -> None:
+        self.run = run
+        self.warmup = start + 1  # the first step pays one-off costs (allocator, lazy init): untimed
+        self.began = 0.0
+
+    def _now(self) -> float:
+        if self.run.device.type == "cuda":
+            torch.cuda.synchronize(self.run.device)
+        return time.perf_counter()
+
+    def after_step(self, done: int) -> bool:
+        """Called after each step; True once decided."""
+        run, stats = self.run, self.run.compile_stats
+        remaining = run.training.max_steps - done
+        if done == self.warmup:
+            if remaining <= AUTO_PROBE_STEPS:
+                stats.reason = "auto: too few steps to repay compiling"
+                return True
+            self.began = self._now()
+            return False
+        if done < self.warmup + AUTO_PROBE_STEPS:
+            return False
+        eager = (self._now() - self.began) / AUTO_PROBE_STEPS
+        stats.eager_step_s = round(eager, 6)
+        key = compile_cost_key(run.spec.params.method, _architecture(run), run.device)
+        cost = expected_compile_s(key, _batch_shapes(run.data))
+        verdict = f"{remaining} steps at {eager * 1000:.1f} ms eager against ~{cost:.0f} s of compiling"
+        if repays(eager_step_s=eager, remaining_steps=remaining, compile_s=cost, device=run.device):
+            _enable_compile(run, done + 1, f"auto: {verdict} repays it")
+        else:
+            stats.reason = f"auto: {verdict} does not repay it"
+        return True
+
+
 def _loop(run: _Run, start: int) -> tuple[float, float, list[tuple[int, float]]]:
     """Steps start+1..max_steps; returns (last reported loss, overall images/s, loss history)."""
     training, hooks = run.training, run.hooks
@@ -237,10 +381,17 @@ def _loop(run: _Run, start: int) -> tuple[float, float, list[tuple[int, float]]]
     # About 100 points make the loss curve; one host sync per point, not per step.
     curve_every = max(1, total // 100)
     run.trainable.train()
+    auto = _AutoCompile(run, start) if run.compile_stats.setting == "auto" else None
     for step in range(start, total):
-        loss, images = _optimizer_step(run, step, params)
-        meter.add(loss, images)
+        began = time.perf_counter()
+        loss, images, compiled_now = _optimizer_step(run, step, params)
+        if compiled_now:
+            meter.add_untimed(loss, time.perf_counter() - began)
+        else:
+            meter.add(loss, images)
         done = step + 1
+        if auto is not None and auto.after_step(done):
+            auto = None
         report = done == total or hooks.should_report(done)
         if report or done % curve_every == 0:
             last_loss, rate = meter.flush()
@@ -336,12 +487,40 @@ def train(
         data = PairedData(data, prior)
     optimizer, lr_scheduler = make_optimizer(trainable.trainable_parameters(), training, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.grad_scaler)
+    stats = CompileStats(setting=training.compile)
     run = _Run(
-        spec, trainable, data, optimizer, lr_scheduler, scaler, precision, device, hooks, workdir, resolution
+        spec,
+        trainable,
+        data,
+        optimizer,
+        lr_scheduler,
+        scaler,
+        precision,
+        device,
+        hooks,
+        workdir,
+        resolution,
+        stats,
     )
     resumed = _resume(run)
-    hooks.phase("training", done=min(resumed or 0, training.max_steps), total=training.max_steps)
-    final_loss, rate, history = _loop(run, min(resumed or 0, training.max_steps))
+    start = min(resumed or 0, training.max_steps)
+    if device.type not in ("cpu", "cuda"):
+        stats.setting, stats.reason = "off", f"compiling is not supported on {device.type}"
+    elif training.compile == "on":
+        _enable_compile(run, start + 1, "training.compile is on")
+    elif training.compile == "off":
+        stats.reason = "training.compile is off"
+    hooks.phase("training", done=start, total=training.max_steps)
+    try:
+        final_loss, rate, history = _loop(run, start)
+    finally:
+        if run.compiled is not None:
+            record_compile_cost(compile_cost_key(method.name, _architecture(run), device), stats)
+            # Dynamo's caches hold this job's modules (the whole base) and count against its
+            # per-function recompile limit: a long-lived worker must start each job clean. The
+            # compiled code itself stays in inductor's on-disk cache for the next job.
+            run.compiled = None
+            forget_compiled()
     hooks.phase("exporting", done=0, total=1)
     artifact_dir = workdir / "artifact"
     files = trainable.save(artifact_dir)
@@ -366,6 +545,7 @@ def train(
             "images": data.image_count,
             # (step, loss) at each report point since this attempt started: the loss curve.
             "loss_history": [[step, loss] for step, loss in history],
+            "compile": stats.as_dict(),
         },
         artifact_format=method.artifact_format,
         exports=exports,
@@ -381,4 +561,5 @@ def train(
         rate,
         history,
         exports,
+        stats.as_dict(),
     )
