@@ -64,8 +64,11 @@ class Stack:
         self.processes[name] = process
         return process
 
-    def start_api(self, *, with_worker: bool = False, extra_env: dict[str, str] | None = None) -> None:
-        port = free_port()
+    def start_api(
+        self, *, with_worker: bool = False, extra_env: dict[str, str] | None = None, same_port: bool = False
+    ) -> None:
+        """`same_port`: where the API ran before (restarted after a kill, its clients unchanged)."""
+        port = int(self.base_url.rsplit(":", 1)[1]) if same_port else free_port()
         self.base_url = f"http://127.0.0.1:{port}"
         args = ["serve", "--port", str(port)] + ([] if with_worker else ["--no-worker"])
         self._spawn("api", *args, extra_env=extra_env)
