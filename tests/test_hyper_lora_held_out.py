@@ -29,8 +29,9 @@ def results(tiny_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
 
 
 def test_prediction_alone_moves_held_out_concepts_towards_them(results: dict[str, dict[str, float]]) -> None:
-    # Measured (seeds 0-2, base -> predicted): magenta 216 -> 33, lime 157 -> 90, purple 214 -> 57,
-    # cyan 297 -> 65 at seed 0. Lime, between the yellow and green the base knows, moves least.
+    # Measured at seed 0 (base -> predicted): magenta 216 -> 39, lime 157 -> 86, purple 214 -> 51,
+    # cyan 297 -> 75; mean ratio 0.31 (0.37 at seeds 1 and 2). Lime, between the yellow and green
+    # the base knows, moves least (0.38-0.55 of the way left).
     ratios = {name: row["predicted"] / row["base"] for name, row in results.items()}
     assert sum(ratios.values()) / len(ratios) <= 0.5, ratios  # at least half way, on average
     assert all(r < 0.75 for r in ratios.values()), ratios  # and every concept clearly moves
@@ -43,6 +44,7 @@ def test_prediction_is_a_better_start_than_zero(results: dict[str, dict[str, flo
 
 def test_prediction_is_specific_to_its_concept(results: dict[str, dict[str, float]]) -> None:
     """Concept X's reference gives X, not Y: X's generations are nearer X's colour than any other
-    held-out concept's colour."""
+    held-out concept's colour. Holds at seed 0; at seeds 1 and 2 the closest pair, magenta and
+    purple (120 apart), are confused (see the table in issue 12's closing note)."""
     for name, row in results.items():
         assert row["predicted"] < row["to_other"], (name, row)
