@@ -124,15 +124,6 @@ def recovery(tmp_path: Path) -> RecoveryLog:
 
 
 @pytest.fixture
-def stack(full_stack: Stack, postgres_url: str) -> Stack:
-    full_stack.env["ATELIER_DIRECT_DATABASE_URL"] = postgres_url
-    return full_stack
-
-
-# --- Redis restarted mid-job -------------------------------------------------------------------------
-
-
-@pytest.fixture
 def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
     folder = tmp_path / "redis"
     folder.mkdir()
@@ -143,10 +134,27 @@ def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
         server.stop()
 
 
+@pytest.fixture
+def redis_url(private_redis: PrivateRedis) -> str:
+    """Overrides the shared Redis database (tests/service_stack.py) for full_stack here: other
+    sessions' tests flush it while they run, which loses this stack's messages, and flushing it
+    here would lose theirs. A Redis of the test's own also lets the Redis case restart it."""
+    return private_redis.url
+
+
+@pytest.fixture
+def stack(full_stack: Stack, postgres_url: str) -> Stack:
+    full_stack.env["ATELIER_DIRECT_DATABASE_URL"] = postgres_url
+    return full_stack
+
+
+# --- Redis restarted mid-job -------------------------------------------------------------------------
+
+
 def test_redis_restart_mid_job_loses_no_job(
     private_redis: PrivateRedis, stack: Stack, s3_server: S3Server, tmp_path: Path, recovery: RecoveryLog
 ) -> None:
-    stack.env["ATELIER_BROKER_URL"] = private_redis.url
+    assert stack.env["ATELIER_BROKER_URL"] == private_redis.url
     # A queued job whose message died with Redis is re-sent once it waited this long unclaimed.
     stack.env["ATELIER_QUEUED_REDISPATCH_S"] = "10"
     stack.start_api()
@@ -444,7 +452,7 @@ def test_twenty_concurrent_creates_with_one_key_make_one_job(
     stack: Stack, s3_server: S3Server, tmp_path: Path, recovery: RecoveryLog
 ) -> None:
     stack.start_api()
-    stack.start_train_worker("worker")
+    stack.start_workers()
     client = stack.client("acme")
     body = _job_body(_dataset(client, tmp_path, "acme"))
     key = f"create-{uuid.uuid4().hex[:8]}"
