@@ -42,6 +42,8 @@ fi
 # Throughput against the diffusers-example reference loop (same model, data, seed, batch), eager
 # and compiled; the compiled runs' warm-up steps include compiling (reported as compile_s).
 export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-/tmp/atelier-inductor}"
+# Inductor's gradients against eager's first (on the CPU they are wrong: bench/compiled_grads.py).
+stage 90 python3 bench/compiled_grads.py --size sd15 --device cuda --backend inductor --resolution 256
 for args in "--size sd15 --method lora --batch-size 4 --compile off" "--size sd15 --method lora --batch-size 4 --compile on" \
   "--size sd15 --method lora --batch-size 1 --compile on" "--size sd15 --method lora --batch-size 16 --compile on" \
   "--size sd15 --method dreambooth --batch-size 4 --compile on" "--size sd15 --method textual_inversion --batch-size 4 --compile on" \

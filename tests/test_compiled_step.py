@@ -4,7 +4,7 @@ job repays it. Timings live in bench/compiled_step.py, never here.
 
 Most cases compile with dynamo's "eager" backend (ATELIER_COMPILE_BACKEND): graph capture and
 graph breaks are decided by dynamo before any backend runs, so the counts are the ones inductor
-sees, in seconds instead of minutes of code generation. One case runs inductor end to end.
+sees, in seconds instead of minutes of code generation.
 """
 
 from __future__ import annotations
@@ -84,23 +84,24 @@ def test_every_method_compiles_to_one_graph_without_breaks_and_trains_as_eager(
     assert losses(compiled) == pytest.approx(losses(eager), rel=1e-5, abs=1e-7)
 
 
-@pytest.mark.slow
-def test_inductor_compiled_lora_matches_eager_over_twenty_steps(bases, monkeypatch) -> None:
-    """Real code generation (inductor), forward and backward: the loss curve stays on eager's
-    within fp32 reordering error, and the artifact is written as usual."""
+def test_cpu_compile_runs_aot_autograd_and_matches_eager_over_twenty_steps(bases, monkeypatch) -> None:
+    """The CPU default (AOTAutograd's forward and backward graphs, no inductor: see
+    core.training.step.backend_and_mode) keeps the eager loss curve and writes the artifact."""
     monkeypatch.delenv("ATELIER_COMPILE_BACKEND", raising=False)
     compiled = run(bases, "tiny-sd", "lora", compile="on", steps=20)
     stats = compiled.compile
-    assert stats["backend"] == "inductor" and stats["graph_breaks"] == 0 and stats["compile_s"] > 0
+    assert stats["backend"] == "aot_eager" and stats["graph_breaks"] == 0 and stats["compile_s"] > 0
     eager = run(bases, "tiny-sd", "lora", compile="off", steps=20)
-    assert all(math.isfinite(x) for x in losses(compiled))
-    assert losses(compiled) == pytest.approx(losses(eager), rel=2e-3, abs=1e-5)
-    assert (compiled.artifact_dir / "pytorch_lora_weights.safetensors").exists()
+    assert losses(compiled) == pytest.approx(losses(eager), rel=1e-4, abs=1e-6)
+    assert compiled.files == ["pytorch_lora_weights.safetensors", "manifest.json"]
 
 
 def test_auto_compiles_only_when_the_remaining_steps_repay_it(bases, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ATELIER_COMPILE_BACKEND", "eager")
     monkeypatch.setattr(step_module, "_measured_compile_s", {})
+    plain = run(bases, "tiny-sd", "lora", compile="auto", steps=12)
+    assert plain.compile["enabled"] is False and "cuda only" in plain.compile["reason"]
+    monkeypatch.setattr(step_module, "AUTO_DEVICES", ("cuda", "cpu"))  # decide here as on a GPU
 
     short = run(bases, "tiny-sd", "lora", compile="auto", steps=3)
     assert short.compile["enabled"] is False and "too few steps" in short.compile["reason"]

@@ -29,6 +29,7 @@ from core.methods import get_method
 from core.methods.base import Trainable
 from core.methods.params import JobSpec, TrainingParams
 from core.training import checkpoint
+from core.training import step as step_module
 from core.training.caching import (
     Batch,
     CaptionedImage,
@@ -304,7 +305,9 @@ def _enable_compile(run: _Run, step: int, reason: str) -> None:
 
     _prime(run, step)
     try:
-        run.compiled = CompiledForward(loss_fn, run.device, stats)
+        run.compiled = CompiledForward(
+            loss_fn, run.device, stats, accumulation=run.training.gradient_accumulation_steps
+        )
     except Exception as exc:  # an unknown backend, a torch build without dynamo: stay eager
         _compile_failed(run, exc)
         return
@@ -381,7 +384,12 @@ def _loop(run: _Run, start: int) -> tuple[float, float, list[tuple[int, float]]]
     # About 100 points make the loss curve; one host sync per point, not per step.
     curve_every = max(1, total // 100)
     run.trainable.train()
-    auto = _AutoCompile(run, start) if run.compile_stats.setting == "auto" else None
+    auto = None
+    if run.compile_stats.setting == "auto":
+        if run.device.type in step_module.AUTO_DEVICES:
+            auto = _AutoCompile(run, start)
+        else:
+            run.compile_stats.reason = f"auto compiles on {' and '.join(step_module.AUTO_DEVICES)} only"
     for step in range(start, total):
         began = time.perf_counter()
         loss, images, compiled_now = _optimizer_step(run, step, params)

@@ -4,7 +4,8 @@ Why capture: an eager step of an SD-sized UNet dispatches thousands of small ate
 tens of microseconds of host work, so below batch 4 or so the GPU waits on Python. `torch.compile`
 turns the method's forward + loss (UNet, adapters, text encoder when it trains) into one graph per
 batch shape; AOTAutograd compiles its backward too; on CUDA the graphs are replayed as CUDA graphs
-(`mode="reduce-overhead"`), so a step costs a handful of launches. The optimizer stays the fused
+(`mode="reduce-overhead"`; not with gradient accumulation, see CompiledForward), so a step costs a
+handful of launches. The optimizer stays the fused
 AdamW kernel (one launch for all parameters, already captured-grade); clipping is a few foreach ops.
 
 Every method's forward traces with zero graph breaks on the SD and SDXL UNets (tests/test_compiled_step.py
@@ -39,6 +40,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Where "auto" may compile: CPU compiles are captured without code generation (see
+# backend_and_mode), so they never repay anything there.
+AUTO_DEVICES = ("cuda",)
 # "auto" times this many eager steps (after one untimed warm-up step) before deciding.
 AUTO_PROBE_STEPS = 3
 # What compiling is expected to save per step, as a speed-up over eager. Measured: tiny-sd LoRA on
@@ -74,14 +78,22 @@ class CompileStats:
         return asdict(self)
 
 
-def backend_and_mode(device: torch.device) -> tuple[str, str | None]:
+def backend_and_mode(device: torch.device, *, cuda_graphs: bool = True) -> tuple[str, str | None]:
     """The torch.compile backend and mode for `device`.
 
     `ATELIER_COMPILE_BACKEND` overrides the backend: "aot_eager" traces and runs AOTAutograd's
     graphs without code generation (the tests' choice: same graph breaks, seconds not minutes).
+
+    On the CPU the default is "aot_eager", not inductor: torch 2.13's inductor CPU code for the
+    tiny-sd LoRA backward returns gradients up to 180 % off eager's (eager agrees with the math SDPA
+    reference to 2e-6, and AOTAutograd's own decomposed graphs to 2e-6, so the fault is in inductor's
+    CPU code generation; bench/compiled_grads.py reproduces it). Training must not silently learn
+    something else, so inductor on the CPU is opt-in (ATELIER_COMPILE_BACKEND=inductor), for
+    benchmarks only.
     """
-    backend = os.environ.get("ATELIER_COMPILE_BACKEND", "inductor")
-    if backend == "inductor" and device.type == "cuda":
+    default = "inductor" if device.type == "cuda" else "aot_eager"
+    backend = os.environ.get("ATELIER_COMPILE_BACKEND", default)
+    if backend == "inductor" and device.type == "cuda" and cuda_graphs:
         return backend, "reduce-overhead"  # CUDA graphs: one replay instead of thousands of launches
     return backend, None
 
@@ -102,12 +114,23 @@ def batch_shape(batch: Batch) -> tuple[Any, ...]:
 class CompiledForward:
     """`loss_fn(batch)` compiled once per batch shape; counts graphs, breaks and compile time."""
 
-    def __init__(self, loss_fn: Callable[[Batch], torch.Tensor], device: torch.device, stats: CompileStats):
+    def __init__(
+        self,
+        loss_fn: Callable[[Batch], torch.Tensor],
+        device: torch.device,
+        stats: CompileStats,
+        *,
+        accumulation: int = 1,
+    ):
         import torch._dynamo
 
         self.device = device
         self.stats = stats
-        backend, mode = backend_and_mode(device)
+        # CUDA graphs replay into static output buffers. The parameters' gradients can be those
+        # buffers (autograd adopts a fresh gradient instead of copying it), so a second micro-batch
+        # replaying the backward before the optimizer step would overwrite the first one's
+        # gradients: with accumulation the graphs are compiled, not captured.
+        backend, mode = backend_and_mode(device, cuda_graphs=accumulation == 1)
         stats.backend, stats.mode = backend, mode
         # Each bucket shape is its own graph; dynamo's default limit (8) would silently fall back
         # to eager past the eighth.
