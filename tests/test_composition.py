@@ -222,9 +222,15 @@ def test_each_scheduler_gives_its_own_valid_image_and_none_leaks(worker: Worker)
         (a, b): float(np.abs(images[a] - images[b]).mean()) for a, b in itertools.combinations(images, 2)
     }
     # DDIM is Euler's step in another parametrisation (measured: 0.003 apart, from the last step,
-    # which DDIM ends at alphas_cumprod[0] and Euler at sigma 0); the others ~0.04-0.19 apart.
+    # which DDIM ends at alphas_cumprod[0] and Euler at sigma 0).
     assert differences.pop(("ddim", "euler")) > 1e-3
-    assert min(differences.values()) > 0.02, differences
+    # The deterministic solvers approach one ODE solution, and the better the base the closer they
+    # come: DPM++ 2M was 0.04 from DDIM/Euler on the 550-step tiny-sd, 0.012 on the 900-step one.
+    # Ancestral Euler adds noise each step (0.27 from the others).
+    ancestral = {pair: d for pair, d in differences.items() if "euler_a" in pair}
+    solvers = {pair: d for pair, d in differences.items() if "euler_a" not in pair}
+    assert min(solvers.values()) > 5e-3, differences
+    assert min(ancestral.values()) > 0.02, differences
     # The base ships DDIM: asked for by name it is the same sampler, made afresh from the same config.
     np.testing.assert_array_equal(images["ddim"], default)
     assert pipe.scheduler is own and dict(pipe.scheduler.config) == config
