@@ -1,8 +1,10 @@
 # Built-in base models (owned with core/base_loader.py): one cache folder per machine, reused across
 # runs, so tiny-sd / tiny-sdxl are built once (about 100 s each), not per test or per run.
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 
 import pytest
 
@@ -12,6 +14,18 @@ from tests.s3_server import s3_server, s3_settings  # noqa: F401
 
 # Real processes against real services (owned with tests/service_stack.py).
 from tests.service_stack import embedded_stack, full_stack, postgres_url, redis_url  # noqa: F401
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """SIGTERM ends the run as Ctrl-C does. By default SIGTERM kills pytest outright, so no
+    fixture teardown runs and the processes fixtures started in sessions of their own (the S3
+    server, API and worker processes) are left behind; a KeyboardInterrupt unwinds through every
+    fixture's teardown instead."""
+    signal.signal(signal.SIGTERM, _interrupt)
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -297,3 +298,55 @@ def test_worker_on_the_full_stack_hands_the_job_back(
 
     stack.start_train_worker("worker-2")
     _assert_resumed(client, job_id, from_step=step, logs=stack.log("worker-2"))
+
+
+# --- the test run itself ------------------------------------------------------------------------------
+
+_FIXTURE_TEST = '''
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture
+def server(tmp_path):
+    # Like the S3 server's fixture: a child in a session of its own, stopped only by teardown.
+    child = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    Path("{pid_file}").write_text(str(child.pid))
+    yield child
+    child.terminate()
+    child.wait()
+
+
+def test_waits(server):
+    time.sleep(300)
+'''
+
+
+def test_terminated_test_run_tears_its_fixtures_down(tmp_path: Path) -> None:
+    """CI stops a run with SIGTERM: fixture teardown must still run (tests/conftest.py turns it into
+    a KeyboardInterrupt), or servers that fixtures start in sessions of their own outlive the run."""
+    pid_file = tmp_path / "child.pid"
+    (tmp_path / "test_inner.py").write_text(_FIXTURE_TEST.replace("{pid_file}", str(pid_file)))
+    conftest = Path(__file__).with_name("conftest.py")
+    run = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(tmp_path),
+         "-p", "tests.conftest", str(tmp_path / "test_inner.py")],
+        cwd=conftest.parent.parent,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not pid_file.exists() or not pid_file.read_text():
+            assert time.monotonic() < deadline and run.poll() is None, "the inner run never started"
+            time.sleep(0.1)
+        child = psutil.Process(int(pid_file.read_text()))
+        run.send_signal(signal.SIGTERM)
+        run.wait(timeout=BOUND_S)
+        child.wait(timeout=5)  # raises psutil.TimeoutExpired if teardown never stopped it
+    finally:
+        if run.poll() is None:
+            run.kill()
+        if pid_file.exists() and pid_file.read_text() and psutil.pid_exists(int(pid_file.read_text())):
+            psutil.Process(int(pid_file.read_text())).kill()
