@@ -302,7 +302,7 @@ def test_worker_on_the_full_stack_hands_the_job_back(
 
 # --- the test run itself ------------------------------------------------------------------------------
 
-_FIXTURE_TEST = '''
+_FIXTURE_TEST = """
 import subprocess
 import time
 from pathlib import Path
@@ -322,7 +322,7 @@ def server(tmp_path):
 
 def test_waits(server):
     time.sleep(300)
-'''
+"""
 
 
 def test_terminated_test_run_tears_its_fixtures_down(tmp_path: Path) -> None:
@@ -332,8 +332,19 @@ def test_terminated_test_run_tears_its_fixtures_down(tmp_path: Path) -> None:
     (tmp_path / "test_inner.py").write_text(_FIXTURE_TEST.replace("{pid_file}", str(pid_file)))
     conftest = Path(__file__).with_name("conftest.py")
     run = subprocess.Popen(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(tmp_path),
-         "-p", "tests.conftest", str(tmp_path / "test_inner.py")],
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--rootdir",
+            str(tmp_path),
+            "-p",
+            "tests.conftest",
+            str(tmp_path / "test_inner.py"),
+        ],
         cwd=conftest.parent.parent,
     )
     try:
