@@ -134,7 +134,7 @@ def ensure_local(
 
 
 def _ensure_builtin(model_id: str, name: str, cache: Path, on_phase: PhaseCallback | None = None) -> Path:
-    from core.tiny.build import NAMES, RECIPE, build
+    from core.tiny.build import NAMES, RECIPE, build_pinned
 
     if name not in NAMES:
         raise BaseModelUnavailable(model_id, f"no built-in base {name!r}; built-ins: {', '.join(NAMES)}")
@@ -148,7 +148,7 @@ def _ensure_builtin(model_id: str, name: str, cache: Path, on_phase: PhaseCallba
     return _materialise(
         cache / name,
         {"source": f"builtin:{name}", "recipe": RECIPE},
-        lambda folder: build(name, folder, vae_dir=vae_dir, on_progress=building),
+        lambda folder: build_pinned(name, folder, vae_dir=vae_dir, on_progress=building),
     )
 
 

@@ -11,6 +11,7 @@ colour is the LoRA's doing. `python -m tests.hyper_lora_world SEED...` prints th
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -221,7 +222,7 @@ def main(seeds: list[int]) -> None:
     from core.base_loader import load_base
     from core.config import Settings
 
-    cache = Path("/tmp/atelier-test-models")
+    cache = Path(os.environ.get("ATELIER_TEST_MODEL_CACHE", "/tmp/atelier-test-models"))
     torch.set_num_threads(1)
     results = {}
     for seed in seeds:

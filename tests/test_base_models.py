@@ -279,15 +279,33 @@ def test_tiny_sdxl_generates_through_the_sdxl_pipeline(model_cache: Path) -> Non
     )
 
 
+def test_build_runs_on_the_pinned_kernels() -> None:
+    """Every x86 machine builds the same base only if the build's child really uses the AVX2
+    kernels (core/tiny/build.py says why); elsewhere nothing is pinned."""
+    import subprocess
+    import sys
+
+    from core.tiny.build import _x86_with_avx2, pinned_env
+
+    probe = "import torch; print(torch.backends.cpu.get_cpu_capability())"
+    out = subprocess.run(
+        [sys.executable, "-c", probe], env=pinned_env(), capture_output=True, text=True, check=True
+    )
+    if _x86_with_avx2():
+        assert out.stdout.strip() == "AVX2"
+        assert pinned_env()["MKL_CBWR"] == "AVX2,STRICT"
+
+
 @pytest.mark.slow
 def test_build_is_deterministic(tiny_sd: Settings, tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
     from core.base_loader import ensure_local
-    from core.tiny.build import build
+    from core.tiny.build import build_pinned
 
+    # Another process, as on another machine: the cached base was built in a child of its own.
     cached = ensure_local("tiny-sd", settings=tiny_sd)
-    build("tiny-sd", tmp_path)
+    build_pinned("tiny-sd", tmp_path)
     for weights in sorted(cached.glob("*/*.safetensors")):
         again = load_file(tmp_path / weights.parent.name / weights.name)
         for key, tensor in load_file(weights).items():

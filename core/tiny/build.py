@@ -174,3 +174,96 @@ def _sdxl_pipeline(vae: AutoencoderKL, on_step: Callable[[int], None] | None) ->
         unet=unet,
         scheduler=scheduler,
     )
+
+
+# --- one base on every machine -------------------------------------------------------------------------
+# Pre-training is chaotic: CPU kernels that round differently (AVX-512 against AVX2 paths in ATen,
+# MKL and oneDNN) grow into different bases after hundreds of steps. Measured: the same recipe built
+# a base that follows colour prompts on one machine and one that hardly reads its prompt on another.
+# So the build runs in a child process whose kernels are pinned to the AVX2 paths, which every
+# x86-64 machine we run on has, and every machine builds the same base. Elsewhere (ARM) nothing is
+# pinned: the base is then that machine's own.
+PINNED_KERNELS = {
+    "ATEN_CPU_CAPABILITY": "avx2",  # torch's own vectorised kernels
+    "MKL_CBWR": "AVX2,STRICT",  # MKL's conditional bitwise reproducibility (matmuls)
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",  # convolutions
+    "OMP_NUM_THREADS": "1",  # the build is single-threaded anyway (_build_context)
+    "MKL_NUM_THREADS": "1",
+}
+_PROGRESS, _TIMINGS = "atelier-build-progress ", "atelier-build-timings "
+
+
+def _x86_with_avx2() -> bool:
+    try:
+        return " avx2" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def pinned_env() -> dict[str, str]:
+    """This process's environment with the kernels pinned (PINNED_KERNELS) where the CPU allows."""
+    import os
+
+    env = {**os.environ, **(PINNED_KERNELS if _x86_with_avx2() else {})}
+    root = Path(__file__).resolve().parents[2]  # the child imports this package as the parent does
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    return env
+
+
+def build_pinned(
+    name: str,
+    out_dir: Path,
+    *,
+    vae_dir: Path | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> dict[str, float]:
+    """`build` in a child process with PINNED_KERNELS (on x86 with AVX2): the same base, byte for
+    byte, whichever CPU builds it. Progress comes back over the child's stdout."""
+    import json
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "core.tiny.build", name, str(out_dir)]
+    if vae_dir is not None:
+        command += ["--vae-dir", str(vae_dir)]
+    timings: dict[str, float] = {}
+    child = subprocess.Popen(command, env=pinned_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None
+        for line in child.stdout:
+            if line.startswith(_PROGRESS) and on_progress is not None:
+                done, total = (int(n) for n in line[len(_PROGRESS) :].split())
+                on_progress(done, total)
+            elif line.startswith(_TIMINGS):
+                timings = json.loads(line[len(_TIMINGS) :])
+        if child.wait() != 0 or not timings:
+            raise RuntimeError(f"building the built-in base {name!r} failed (exit {child.returncode})")
+    finally:
+        if child.poll() is None:  # interrupted: the child must not outlive us
+            child.kill()
+            child.wait()
+    return timings
+
+
+def _main(argv: list[str]) -> None:
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description="Build one built-in tiny base into an empty folder.")
+    parser.add_argument("name", choices=NAMES)
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--vae-dir", type=Path)
+    args = parser.parse_args(argv)
+
+    def report(done: int, total: int) -> None:
+        print(f"{_PROGRESS}{done} {total}", flush=True)
+
+    timings = build(args.name, args.out_dir, vae_dir=args.vae_dir, on_progress=report)
+    print(f"{_TIMINGS}{json.dumps(timings)}", flush=True)
+
+
+if __name__ == "__main__":
+    import sys
+
+    _main(sys.argv[1:])
