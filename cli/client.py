@@ -167,7 +167,10 @@ class AtelierClient:
         """The job's server-sent events until it is terminal: every event after `after`, and a
         `progress` snapshot whenever progress changes. Raises StreamUnavailable when the server
         answers with something other than an event stream."""
-        timeout = httpx.Timeout(10.0, read=read_timeout)
+        # (connect, read, write, pool) as a plain tuple, not httpx.Timeout: the client may be
+        # another httpx-compatible one (starlette's TestClient is httpx2 when that is installed, and
+        # httpx2 >= 2.17 refuses httpx's Timeout objects).
+        timeout = (10.0, read_timeout, 10.0, 10.0)
         with self.http.stream(
             "GET",
             f"/v1/jobs/{job_id}/events",
