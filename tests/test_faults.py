@@ -163,7 +163,10 @@ def test_redis_restart_mid_job_loses_no_job(
     stack.wait_consuming("worker-generate")
     client = stack.client("acme")
     dataset = _dataset(client, tmp_path, "acme")
-    running = client.create_job(_job_body(dataset, max_steps=40, checkpoint_every=10))["id"]
+    # Long enough to be mid-training at the restart: on an idle machine tiny-sd trains ~50 steps a
+    # second, and 40 steps were done before Redis went down (the test then waited for a finished
+    # job to go on).
+    running = client.create_job(_job_body(dataset, max_steps=400, checkpoint_every=20))["id"]
     _wait_for("the first job to train", lambda: client.job(running)["progress"]["step"] >= 2, stack)
     # One training worker, one job at a time: the second waits in Redis, taken by no worker yet.
     waiting = client.create_job(_job_body(dataset, seed=2))["id"]
@@ -171,7 +174,9 @@ def test_redis_restart_mid_job_loses_no_job(
 
     private_redis.restart()  # killed, back empty: both jobs' messages are gone
     cleared = time.monotonic()
-    step_at_restart = client.job(running)["progress"]["step"]
+    at_restart = client.job(running)
+    assert at_restart["status"] == "running", f"the job was no longer running at the fault: {at_restart}"
+    step_at_restart = at_restart["progress"]["step"]
     _wait_for(
         "the running job to go on", lambda: client.job(running)["progress"]["step"] > step_at_restart, stack
     )
