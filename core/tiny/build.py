@@ -7,8 +7,12 @@ writes a complete folder into an empty `out_dir`, the same bytes for the same in
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -203,8 +207,6 @@ def _x86_with_avx2() -> bool:
 
 def pinned_env() -> dict[str, str]:
     """This process's environment with the kernels pinned (PINNED_KERNELS) where the CPU allows."""
-    import os
-
     env = {**os.environ, **(PINNED_KERNELS if _x86_with_avx2() else {})}
     root = Path(__file__).resolve().parents[2]  # the child imports this package as the parent does
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
@@ -220,10 +222,6 @@ def build_pinned(
 ) -> dict[str, float]:
     """`build` in a child process with PINNED_KERNELS (on x86 with AVX2): the same base, byte for
     byte, whichever CPU builds it. Progress comes back over the child's stdout."""
-    import json
-    import subprocess
-    import sys
-
     command = [sys.executable, "-m", "core.tiny.build", name, str(out_dir)]
     if vae_dir is not None:
         command += ["--vae-dir", str(vae_dir)]
@@ -248,7 +246,6 @@ def build_pinned(
 
 def _main(argv: list[str]) -> None:
     import argparse
-    import json
 
     parser = argparse.ArgumentParser(description="Build one built-in tiny base into an empty folder.")
     parser.add_argument("name", choices=NAMES)
@@ -264,6 +261,4 @@ def _main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    import sys
-
     _main(sys.argv[1:])
