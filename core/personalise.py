@@ -48,7 +48,7 @@ def predict_lora(
             "image_encoder_mismatch",
             f"the hyper_lora was trained with another image encoder ({', '.join(mismatched)} differ)",
         )
-    tokens = encoder.tokens(images, device).mean(dim=0, keepdim=True)
+    tokens = encoder.tokens(images, device, network.config.features).mean(dim=0, keepdim=True)
     factors = network.to(device)(tokens)
     state = {}
     for layer in network.config.layers:

@@ -1,7 +1,8 @@
 """hyper_lora: a network that predicts a LoRA from reference images (after HyperDreamBooth, Ruiz et
 al. 2023), trained across many concepts so that a new concept gets its LoRA in one forward pass.
 
-The frozen image encoder IP-Adapter uses turns an image into tokens; `HyperLoraNetwork` mixes them
+The frozen image encoder IP-Adapter uses turns an image into tokens (each token: its patch embedding
+side by side with the encoder's last hidden state, see `ReferenceEncoder`); `HyperLoraNetwork` mixes them
 (one transformer layer, mean-pooled) and predicts, for every attention projection of the UNet (the
 `lora` method's "attention" targets), coefficients over a learned per-layer basis of low-rank
 factors: A = sum_k a_k A_k, B = sum_k b_k B_k. A basis keeps the heads small on real-size UNets
@@ -35,6 +36,7 @@ from core.methods.base import MethodInputError, Trainable
 from core.methods.ip_adapter import ENCODER_CONFIG, feature_extractor, load_image_encoder
 from core.methods.lora import unet_targets
 from core.methods.params import (
+    HYPER_LORA_FEATURES,
     MIN_CONCEPTS,
     MIN_IMAGES_PER_CONCEPT,
     HyperLoraParams,
@@ -87,6 +89,9 @@ class HyperLoraConfig:
     alpha: float
     instance_prompt: str
     layers: tuple[LoraLayer, ...]
+    # What the network reads of the encoder (ReferenceEncoder.tokens); artifacts written before
+    # patch embeddings were added read the last hidden state alone.
+    features: tuple[str, ...] = ("last_hidden_state",)
 
     @property
     def scale(self) -> float:
@@ -104,7 +109,8 @@ class HyperLoraConfig:
             kernel = tuple(kernel) if kernel else None
             stride, padding = tuple(layer.pop("stride")), tuple(layer.pop("padding"))
             layers.append(LoraLayer(**layer, kernel=kernel, stride=stride, padding=padding))  # type: ignore[arg-type]
-        return cls(**{**data, "layers": tuple(layers)})
+        features = tuple(data.pop("features", ["last_hidden_state"]))
+        return cls(**{**data, "layers": tuple(layers), "features": features})
 
 
 def lora_layout(unet: torch.nn.Module, targets: str) -> tuple[LoraLayer, ...]:
@@ -219,16 +225,23 @@ class FunctionalLora:
 
 
 class ReferenceEncoder:
-    """The frozen image encoder's last hidden state: (n, tokens, width) per image."""
+    """The frozen image encoder's view of reference images: per token, `features` side by side.
+
+    The last hidden state alone says what the transformer makes of an image, but a CLIP ViT's first
+    LayerNorm has already divided each patch embedding by its own size, so a colour's intensity
+    survives only as a faint ratio to the position embedding: on the tiny base's encoder, held-out
+    magenta's prediction came out nearer purple at two of four training seeds. The patch embeddings
+    before that LayerNorm are a linear function of the pixels and keep it; with them every seed's
+    predictions were specific (tests/test_hyper_lora_held_out.py has the numbers).
+    """
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
         self.model = load_image_encoder(path)
         self.processor = feature_extractor(self.model)
 
-    @property
-    def token_dim(self) -> int:
-        return int(self.model.config.hidden_size)
+    def token_dim(self, features: tuple[str, ...]) -> int:
+        return len(features) * int(self.model.config.hidden_size)
 
     def describe(self) -> dict[str, Any]:
         assert self.path is not None  # load_image_encoder refused a missing one
@@ -238,10 +251,24 @@ class ReferenceEncoder:
         }
 
     @torch.no_grad()
-    def tokens(self, images: list[Image.Image], device: torch.device) -> torch.Tensor:
+    def tokens(
+        self, images: list[Image.Image], device: torch.device, features: tuple[str, ...]
+    ) -> torch.Tensor:
+        """(n, tokens, len(features) x width)."""
         self.model.to(device)
         pixels = self.processor([i.convert("RGB") for i in images], return_tensors="pt").pixel_values
-        return self.model(pixels.to(device, self.model.dtype)).last_hidden_state.float()
+        pixels = pixels.to(device, self.model.dtype)
+        parts = []
+        for feature in features:
+            if (
+                feature == "patch_embeddings"
+            ):  # with the class and position embeddings, as the encoder adds them
+                parts.append(self.model.vision_model.embeddings(pixels))
+            elif feature == "last_hidden_state":
+                parts.append(self.model(pixels).last_hidden_state)
+            else:
+                raise ValueError(f"unknown image feature {feature!r}")
+        return torch.cat(parts, dim=-1).float()
 
 
 def concept_counts(items: list[Any]) -> Counter[str | None]:
@@ -257,13 +284,14 @@ class HyperLoraTrainable(Trainable):
         self.encoder = ReferenceEncoder(base.image_encoder_path)
         self.unet = base.unet
         self.config = HyperLoraConfig(
-            token_dim=self.encoder.token_dim,
+            token_dim=self.encoder.token_dim(HYPER_LORA_FEATURES),
             hidden_dim=params.hidden_dim,
             basis_size=params.basis_size,
             rank=params.rank,
             alpha=params.effective_alpha,
             instance_prompt=params.instance_prompt,
             layers=lora_layout(base.unet, params.targets),
+            features=HYPER_LORA_FEATURES,
         )
         self.network = HyperLoraNetwork(self.config)
         self.lora = FunctionalLora(base.unet, self.config)
@@ -287,7 +315,7 @@ class HyperLoraTrainable(Trainable):
         return TrainingSet([TrainingItem(item.image, (item.caption or prompt,)) for item in items])
 
     def image_features(self, images: list[Image.Image]) -> torch.Tensor:
-        return self.encoder.tokens(images, self.unet.device)
+        return self.encoder.tokens(images, self.unet.device, self.config.features)
 
     def forward(self, batch: Batch) -> torch.Tensor:
         if batch.image_features is None:
@@ -298,7 +326,7 @@ class HyperLoraTrainable(Trainable):
     @torch.no_grad()
     def sample(self, prompts: list[str], *, seed: int, size: int) -> list[Any]:
         reference = self.reference or Image.new("RGB", (size, size), (128, 128, 128))
-        factors = self.network(self.encoder.tokens([reference], self.unet.device))
+        factors = self.network(self.encoder.tokens([reference], self.unet.device, self.config.features))
         with self.lora.applied(factors):
             return super().sample(prompts, seed=seed, size=size)
 

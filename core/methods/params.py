@@ -218,6 +218,9 @@ class IPAdapterParams(MethodParamsBase):
 # the zip wraps everything in one folder), at least this many concepts with this many images each.
 MIN_CONCEPTS = 4
 MIN_IMAGES_PER_CONCEPT = 2
+# What hyper_lora reads of each image token, side by side (core/methods/hyper_lora.py): the image
+# encoder's patch embeddings before its first LayerNorm, and its last hidden state.
+HYPER_LORA_FEATURES = ("patch_embeddings", "last_hidden_state")
 
 
 def concept_of(name: str) -> str | None:

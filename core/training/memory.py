@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from core.architectures import CLIP_TOKENS, Architecture
-from core.methods.params import JobSpec, TrainingParams
+from core.methods.params import HYPER_LORA_FEATURES, JobSpec, TrainingParams
 
 GIB = 1024**3
 # Images the VAE encodes at once while caching, scaled so each chunk holds about two 512 px images
@@ -350,7 +350,8 @@ def trained_params(spec: JobSpec, arch: Architecture) -> Params:
         return controlnet_params(unet, controlnet_embedding(arch, params))
     image = arch.image_encoder or {}
     if method == "hyper_lora":
-        return hyper_lora_params(unet, int(image.get("hidden_size", 1280)), params)
+        token_dim = len(HYPER_LORA_FEATURES) * int(image.get("hidden_size", 1280))
+        return hyper_lora_params(unet, token_dim, params)
     return ip_adapter_params(unet, int(image.get("projection_dim", 1024)))
 
 
