@@ -1,11 +1,11 @@
 """hyper_lora: a network that predicts a LoRA from reference images (after HyperDreamBooth, Ruiz et
 al. 2023), trained across many concepts so that a new concept gets its LoRA in one forward pass.
 
-The frozen image encoder IP-Adapter uses turns an image into tokens (each token: its patch embedding
-side by side with the encoder's last hidden state, see `ReferenceEncoder`); `HyperLoraNetwork` mixes them
-(one transformer layer, mean-pooled) and predicts, for every attention projection of the UNet (the
-`lora` method's "attention" targets), coefficients over a learned per-layer basis of low-rank
-factors: A = sum_k a_k A_k, B = sum_k b_k B_k. A basis keeps the heads small on real-size UNets
+The frozen image encoder IP-Adapter uses turns an image into tokens (each token: its patch
+embedding beside the encoder's last hidden state, see `ReferenceEncoder`); `HyperLoraNetwork` mixes
+them (one transformer layer, mean-pooled) and predicts, for every attention projection of the
+UNet (the `lora` method's "attention" targets), coefficients over a learned per-layer basis of
+low-rank factors: A = sum_k a_k A_k, B = sum_k b_k B_k. A basis keeps the heads small on real-size UNets
 (a direct head would need rank x (in + out) outputs per layer) and, with the B basis at zero, the
 predicted LoRA starts as "no change", as a fresh LoRA does.
 
@@ -109,8 +109,9 @@ class HyperLoraConfig:
             kernel = tuple(kernel) if kernel else None
             stride, padding = tuple(layer.pop("stride")), tuple(layer.pop("padding"))
             layers.append(LoraLayer(**layer, kernel=kernel, stride=stride, padding=padding))  # type: ignore[arg-type]
-        features = tuple(data.pop("features", ["last_hidden_state"]))
-        return cls(**{**data, "layers": tuple(layers), "features": features})
+        if "features" in data:  # absent from older artifacts: the field's default is what they read
+            data["features"] = tuple(data["features"])
+        return cls(**{**data, "layers": tuple(layers)})
 
 
 def lora_layout(unet: torch.nn.Module, targets: str) -> tuple[LoraLayer, ...]:
@@ -260,9 +261,8 @@ class ReferenceEncoder:
         pixels = pixels.to(device, self.model.dtype)
         parts = []
         for feature in features:
-            if (
-                feature == "patch_embeddings"
-            ):  # with the class and position embeddings, as the encoder adds them
+            # Patch embeddings come with the class and position embeddings, as the encoder adds them.
+            if feature == "patch_embeddings":
                 parts.append(self.model.vision_model.embeddings(pixels))
             elif feature == "last_hidden_state":
                 parts.append(self.model(pixels).last_hidden_state)
