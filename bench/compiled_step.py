@@ -157,8 +157,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             if args.out:
                 with args.out.open("a") as out:
                     out.write(json.dumps(report) + "\n")
-    print(f"{'model':10} {'method':18} {'ref':>7} {'eager':>7} {'compiled':>8} {'c/e':>5} {'c/ref':>6} "
-          f"{'graphs':>6} {'breaks':>6} {'compile s':>9} {'loss gap':>9}")
+    print(
+        f"{'model':10} {'method':18} {'ref':>7} {'eager':>7} {'compiled':>8} {'c/e':>5} {'c/ref':>6} "
+        f"{'graphs':>6} {'breaks':>6} {'compile s':>9} {'loss gap':>9}"
+    )
     for r in reports:
         ref = r.get("reference_img_s", {}).get("median")
         print(

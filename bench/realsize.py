@@ -122,6 +122,32 @@ def sized_settings(size: str, cache: Path) -> tuple[str, Any]:
     return model_id, Settings(base_models={model_id: str(path)}, model_cache=cache)
 
 
+def job_spec(
+    *,
+    size: str,
+    method: str,
+    resolution: int = 64,
+    batch_size: int = 1,
+    steps: int = 2,
+    training: dict[str, Any] | None = None,
+    params: dict[str, Any] | None = None,
+) -> JobSpec:
+    """The job `run_job` trains: bf16 frozen weights unless `training` says otherwise."""
+    return JobSpec(
+        base_model=f"random-{size}",
+        dataset_id="realsize",
+        params=params or method_params(method),
+        training={
+            "max_steps": steps,
+            "batch_size": batch_size,
+            "resolution": resolution,
+            "mixed_precision": "bf16",
+            "learning_rate": 1e-4,
+            **(training or {}),
+        },
+    )
+
+
 def run_job(
     *,
     size: str,
@@ -142,18 +168,14 @@ def run_job(
 
     device = device or torch.device("cpu")
     model_id, settings = sized_settings(size, cache)
-    spec = JobSpec(
-        base_model=model_id,
-        dataset_id="realsize",
-        params=params or method_params(method),
-        training={
-            "max_steps": steps,
-            "batch_size": batch_size,
-            "resolution": resolution,
-            "mixed_precision": "bf16",
-            "learning_rate": 1e-4,
-            **(training or {}),
-        },
+    spec = job_spec(
+        size=size,
+        method=method,
+        resolution=resolution,
+        batch_size=batch_size,
+        steps=steps,
+        training=training,
+        params=params,
     )
     precision = resolve_precision(spec.training.mixed_precision, device)
     started = time.perf_counter()

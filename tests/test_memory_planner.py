@@ -111,6 +111,27 @@ def test_estimates_move_the_way_memory_does() -> None:
     assert fp32 - vae == 2 * (bf16 - vae)
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_cpu_bf16_runs_only_where_the_cpu_has_it(native: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 asked of a CPU worker: autocast on hosts with native bf16, fp32 on AVX2 hosts (emulated
+    bf16 runs 100-250x slower there); the planner counts the weights in the dtype the worker uses."""
+    import core.devices
+    from core.training.optim import resolve_precision
+
+    monkeypatch.setattr(core.devices, "cpu_has_native_bf16", lambda: native)
+    precision = resolve_precision("bf16", torch.device("cpu"))
+    expected = torch.bfloat16 if native else torch.float32
+    assert precision.weight_dtype == expected
+    assert precision.autocast_dtype == (torch.bfloat16 if native else None)
+    sdxl = KNOWN["sdxl"]
+    planned = memory.estimate(_spec("lora", mixed_precision="bf16"), sdxl, device="cpu")
+    fp32 = memory.estimate(_spec("lora", mixed_precision="no"), sdxl, device="cpu")
+    assert (planned.parts["weights"] < fp32.parts["weights"]) is native
+    # A GPU worker's bf16 does not depend on the planner's CPU.
+    on_gpu = memory.estimate(_spec("lora", mixed_precision="bf16"), sdxl, device="cuda")
+    assert on_gpu.parts["weights"] < fp32.parts["weights"]
+
+
 def test_small_datasets_are_encoded_in_smaller_chunks() -> None:
     spec = _spec("lora", resolution=512)
     one = memory.estimate(spec, KNOWN["sd15"], images=1).parts["vae_encoding"]

@@ -471,7 +471,13 @@ def _precision(training: TrainingParams, device: str) -> tuple[int, bool]:
     mode = training.mixed_precision
     if device == "cuda":
         return (4, False) if mode == "no" else (2, True)
-    return (2, True) if mode == "bf16" else (4, False)
+    if mode != "bf16":
+        return (4, False)
+    # A CPU worker runs bf16 only where the CPU has it natively (resolve_precision says why). CPU
+    # workers are local runs, where the planner's host is the worker's: its CPU stands for theirs.
+    from core.devices import cpu_has_native_bf16
+
+    return (2, True) if cpu_has_native_bf16() else (4, False)
 
 
 def coefficients(method: str, checkpointing: bool) -> Coefficients:

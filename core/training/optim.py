@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from core import devices
 from core.methods.base import MethodInputError
 from core.methods.params import TrainingParams
 
@@ -28,10 +29,13 @@ class Precision:
 
 def resolve_precision(mode: str, device: torch.device) -> Precision:
     if device.type != "cuda":
-        # CPU autocast runs bf16 (native on AVX512-BF16/AMX hosts); fp16 has no CPU path worth having.
-        # "auto" stays fp32 on the CPU: exact, and what the tiny bases' tests expect.
-        if mode == "bf16":
+        # CPU autocast runs bf16 where the CPU has it natively (oneDNN on AVX-512/AMX); on an AVX2
+        # host torch emulates it at 1/100-1/250 of fp32's speed, so fp32 it is. fp16 has no CPU
+        # path worth having. "auto" stays fp32 on the CPU: exact, and what the tiny bases' tests expect.
+        if mode == "bf16" and devices.cpu_has_native_bf16():
             return Precision(torch.bfloat16, torch.bfloat16)
+        if mode == "bf16":
+            log.warning("mixed precision bf16: this CPU has no native bf16 (emulated: >100x slower); fp32")
         if mode == "fp16":
             log.info("mixed precision fp16 ignored on %s: training in fp32", device)
         return Precision(torch.float32, None)
