@@ -115,9 +115,7 @@ def install_error_handlers(app: FastAPI) -> None:
         # and uvicorn then drops the connection (a session closing on a dead connection raises it).
         log.warning("database unavailable on %s: %s", request.url.path, exc.orig)
         detail = "the database is unreachable; try again shortly"
-        return _problem(
-            request, ApiError(503, "database_unavailable", detail, headers={"Retry-After": "5"})
-        )
+        return _problem(request, ApiError(503, "database_unavailable", detail, headers={"Retry-After": "5"}))
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:

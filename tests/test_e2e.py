@@ -7,15 +7,20 @@ from __future__ import annotations
 import io
 import signal
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import psutil
 import pytest
 from PIL import Image
 from safetensors.torch import load_file
+from sqlalchemy import update
 
 from cli.client import AtelierClient
 from cli.demo import PROMPT, make_dataset_zip
+from core.db import session_scope
+from core.models import Generation
+from core.timeutil import utcnow
 from tests.service_stack import Stack
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
@@ -135,3 +140,25 @@ def test_killed_worker_job_resumes_from_checkpoint_once(full_stack: Stack, tmp_p
     assert [e["type"] for e in events].count("succeeded") == 1
     artifacts = [a for a in client.get("/v1/artifacts", limit=100)["data"] if a["job_id"] == job["id"]]
     assert len(artifacts) == 1
+
+
+def test_generation_whose_message_was_lost_still_runs(embedded_stack: Stack) -> None:
+    """A generation's row is committed before its message is sent; when the message is lost
+    (broker restarted empty, API killed between the two), the reaper sends another."""
+    embedded_stack.start_api()  # no workers yet: the message waits in the broker's folder
+    client = embedded_stack.client()
+    generation = client.generate({"base_model": "tiny-sd", "prompt": PROMPT, "steps": 2, "seed": 3})
+    messages = list((embedded_stack.settings().broker_folder / "queue").glob("*.generate.msg"))
+    assert len(messages) == 1
+    messages[0].unlink()
+    with session_scope(embedded_stack.database_url) as session:  # sent long enough ago to be re-sent
+        long_ago = utcnow() - timedelta(seconds=60)
+        session.execute(
+            update(Generation)
+            .where(Generation.id == generation["id"])
+            .values(created_at=long_ago, dispatched_at=long_ago)
+        )
+    embedded_stack.start_workers()
+    done = client.wait_generation(generation["id"], timeout_s=180)
+    assert done["status"] == "succeeded", (done["error"], embedded_stack.log("worker-generate"))
+    assert len(done["images"]) == 1

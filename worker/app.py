@@ -14,6 +14,7 @@ from celery.signals import setup_logging, worker_process_init
 from core.config import Settings, get_settings
 from core.db import forget_engines
 from core.logs import configure_logging
+from worker import fs_broker
 
 TRAIN_QUEUE = "train"
 GENERATE_QUEUE = "generate"
@@ -45,6 +46,9 @@ def _broker_options(settings: Settings) -> dict[str, Any]:
 
 def make_celery(settings: Settings) -> Celery:
     app = Celery("atelier", broker=settings.broker_url, backend=settings.result_backend)
+    if settings.embedded_broker:
+        # kombu's own filesystem transport can lose a message to a consumer polling mid-write.
+        app.conf.broker_transport = fs_broker.TRANSPORT
     app.conf.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,

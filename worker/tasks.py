@@ -12,8 +12,8 @@ import socket
 
 from celery import shared_task
 
-from core import deletion, jobs, webhook_delivery
-from core.config import get_settings
+from core import deletion, generation_queue, jobs, webhook_delivery
+from core.config import Settings, get_settings
 from core.db import session_scope
 from core.logs import log_context
 from core.storage import make_storage
@@ -23,6 +23,7 @@ from worker.app import (
     TRAIN_TASK,
     WEBHOOK_DISPATCH_TASK,
     WEBHOOK_TASK,
+    send_generate,
     send_train,
     send_webhook,
 )
@@ -57,8 +58,8 @@ def generate(generation_id: str) -> str | None:
 
 @shared_task(name=REAP_TASK, acks_late=True)
 def reap_stale_jobs() -> dict[str, list[str]]:
-    """Re-queue jobs whose worker died and re-send queued jobs whose message was lost; clean up
-    dataset uploads whose API process died mid-upload."""
+    """Re-queue jobs whose worker died and re-send queued jobs and generations whose message was
+    lost; clean up dataset uploads whose API process died mid-upload."""
     settings = get_settings()
     with session_scope(settings.database_url) as session:
         requeued = jobs.reap_stale(session=session)
@@ -79,7 +80,28 @@ def reap_stale_jobs() -> dict[str, list[str]]:
         resent.append(job_id)
     if requeued or resent:
         log.info("reaper: requeued %s, re-sent %s", requeued, resent)
-    return {"requeued": requeued, "resent": resent}
+    generations = _resend_generations(settings)
+    return {"requeued": requeued, "resent": resent, "resent_generations": generations}
+
+
+def _resend_generations(settings: Settings) -> list[str]:
+    """Queued generations whose message may be lost get another; a duplicate finds the row no
+    longer queued and does nothing."""
+    with session_scope(settings.database_url) as session:
+        lost = generation_queue.undispatched(session=session, older_than_s=settings.queued_redispatch_s)
+    resent = []
+    for generation_id in lost:
+        try:
+            send_generate(generation_id)
+        except Exception:
+            log.exception("could not re-send generation %s", generation_id)
+            break  # the broker is down: the next beat tries again
+        with session_scope(settings.database_url) as session:
+            generation_queue.mark_dispatched(session=session, generation_id=generation_id)
+        resent.append(generation_id)
+    if resent:
+        log.info("reaper: re-sent generations %s", resent)
+    return resent
 
 
 @shared_task(name=WEBHOOK_TASK, acks_late=True)

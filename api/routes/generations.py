@@ -13,7 +13,7 @@ from api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
 from api.files import file_url
 from api.routes.artifacts import get_owned_artifact
 from api.schemas import DeletedPublic, GenerationCreate, GenerationPublic
-from core import deletion
+from core import deletion, generation_queue
 from core.base_models import BaseDescription, BaseModelNotAllowed, describe_base
 from core.errors import ApiError, not_found
 from core.generation_images import FileProblem, decode_data_uri, image_exists, image_key, store_image
@@ -176,6 +176,7 @@ def create_generation(
         generation.error_code, generation.error_message = "broker_unavailable", str(exc)
         session.commit()
         raise ApiError(503, "broker_unavailable", "the job queue is unreachable; try again") from exc
+    generation_queue.mark_dispatched(session=session, generation_id=generation.id)
     return GenerationPublic.from_row(generation, [])
 
 
