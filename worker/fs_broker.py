@@ -2,11 +2,10 @@
 
 kombu 5.7 writes a message by creating `<ms>_<uuid>.<queue>.msg` and then writing its body. A
 consumer polling between the two moves the still-empty file away, fails to decode it and deletes
-it: the message is lost, and a generation (which nothing re-sends) stays queued forever. Measured
-with two processes, one putting 20,000 messages and one polling: 132 lost (tests/test_fs_broker.py
-repeats that against this transport). Here the body is written under a name no consumer matches
-and then renamed into place; a rename within one folder is atomic, so a consumer sees the whole
-file or nothing.
+it: the message is lost, and a generation so lost stayed queued until a CI test gave up. Measured
+with two processes, one putting 20,000 messages and one polling: 132 lost. Here the body is written
+under a name no consumer matches and then renamed into place; a rename within one folder is atomic,
+so a consumer sees the whole file or nothing (tests/test_fs_broker.py polls mid-write, on both).
 
 Selected by `make_celery` for `filesystem://` URLs; the Redis broker of production is unaffected.
 """
