@@ -552,6 +552,10 @@ def colour_distance(image: np.ndarray, mask: np.ndarray, colour: tuple[int, int,
     return float(np.linalg.norm(image[mask].mean(0) - np.array(colour, dtype=np.float64)))
 
 
+# The pairing test's scales: the IP-Adapter's and the ControlNet's (see the measurements there).
+IP_SCALE, CN_SCALE = 1.5, 4.0
+
+
 @pytest.mark.slow
 def test_the_seeds_pairing_ip_adapter_colour_and_controlnet_layout_at_once(
     worker: Worker, tiny_cache: Path, tmp_path: Path
@@ -564,7 +568,7 @@ def test_the_seeds_pairing_ip_adapter_colour_and_controlnet_layout_at_once(
         tmp_path / "ip",
         {"method": "ip_adapter"},
         ip_items,
-        max_steps=200,
+        max_steps=400,
         learning_rate=2e-3,
         batch_size=8,
         lr_scheduler="cosine",
@@ -586,19 +590,21 @@ def test_the_seeds_pairing_ip_adapter_colour_and_controlnet_layout_at_once(
     for centre in [(0.28, 0.28), (0.72, 0.3), (0.3, 0.72), (0.72, 0.7)]:
         mask_image = scene(MAGENTA, centre, NEAR_BLACK, np.random.default_rng(0))[1]
         mask = np.asarray(mask_image)[..., 0] > 127
-        reference, control = Use(ip_row, 1.0, solid(MAGENTA)), Use(cn_row, 2.0, mask_image)
+        reference, control = Use(ip_row, IP_SCALE, solid(MAGENTA)), Use(cn_row, CN_SCALE, mask_image)
         uses = {"base": [], "ip": [reference], "cn": [control], "both": [reference, control]}
         for name, use in uses.items():
             image = worker.generate(use, prompt=PAIRING_PROMPT, steps=20, seed=0)[0] * 255
             results[name].append((colour_distance(image, mask, MAGENTA), reference_iou(image, mask, MAGENTA)))
     distance = {name: float(np.mean([r[0] for r in rows])) for name, rows in results.items()}
     iou = {name: float(np.mean([r[1] for r in rows])) for name, rows in results.items()}
-    # Measured (colour distance inside the mask, IoU): base (332, 0.11), IP-Adapter alone (36,
-    # 0.18: everything magenta), ControlNet alone (313, -), both (73, 0.50); over IP-Adapter training
-    # seeds 0-2 x ControlNet data seeds 0-3, both stayed within (42-108, 0.37-0.52). With
-    # diffusers 0.42.1 / transformers 5.25 / peft 0.21.2 (2026-12-04, the pre-change commit too) the
-    # IP-Adapter paints more weakly: base (347, 0.13), IP alone (132, 0.11), ControlNet alone (358,
-    # 0.00), both (250, 0.47); the bounds hold for both environments.
+    # Measured (colour distance inside the mask, IoU) on the tiny-sd an AMD EPYC builds, with 200
+    # IP-Adapter steps and scales 1.0 / 2.0: base (332, 0.11), IP-Adapter alone (36, 0.18: everything
+    # magenta), ControlNet alone (313, -), both (73, 0.50); over IP-Adapter training seeds 0-2 x
+    # ControlNet data seeds 0-3, both stayed within (42-108, 0.37-0.52). The pinned build is not
+    # byte-identical on an Intel Xeon (Sapphire Rapids), and on that base the same recipe failed:
+    # IP alone (264, 0.19), both (242, 0.24). With 400 steps and scales 1.5 / 4.0 there: base
+    # (296, 0.16), IP alone (134, 0.16), ControlNet alone (295, 0.67), both (64, 0.49); it passed at
+    # (IP seed, data seed) (0, 0), (1, 0), (0, 2), (1, 3) and failed at (2, 1) (both's IoU 0.26).
     assert distance["both"] < 0.8 * distance["base"], results
     assert iou["both"] > iou["base"] + 0.2, results
     assert min(r[1] for r in results["both"]) > max(r[1] for r in results["base"]), results

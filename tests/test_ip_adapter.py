@@ -218,10 +218,13 @@ def is_like(image_means: np.ndarray, low: int) -> bool:
 def test_generated_colour_follows_the_reference(tiny_cache: Path, tmp_path: Path) -> None:
     base = load_tiny(tiny_cache, "tiny-sd")
     items = colour_items([MAGENTA, CYAN, (255, 255, 0), (0, 0, 255)], 2)
-    # Measured over training seeds 0, 2, 3: this recipe passed every check below with each; batch 4
-    # or a constant lr left the cyan reference's outputs too red for some seeds.
+    # Batch 4 or a constant lr left the cyan reference's outputs too red for some seeds. 200 steps
+    # passed every check below at training seeds 0, 2, 3 on the tiny-sd an AMD EPYC builds, and
+    # failed all of seeds 0-3 on the one an Intel Xeon (Sapphire Rapids) builds: the pinned build
+    # is not byte-identical across those two CPUs, and there the cyan reference gave blue, mean
+    # ~[115, 157, 252]. 400 steps passed at seeds 0-3 there (300 too, with less margin).
     result = train_ip_adapter(
-        base, tmp_path, items, steps=200, lr=2e-3, batch_size=8, lr_scheduler="cosine", seed=0
+        base, tmp_path, items, steps=400, lr=2e-3, batch_size=8, lr_scheduler="cosine", seed=0
     )
     pipe = fresh_pipeline(base)
 
