@@ -39,9 +39,9 @@ def results(
 def test_prediction_alone_moves_held_out_concepts_towards_them(results: dict[str, dict[str, float]]) -> None:
     # Measured on the pinned tiny-sd, training on an AVX2 machine (base -> predicted), seed 0:
     # magenta 204 -> 23, lime 164 -> 40, purple 177 -> 44, cyan 279 -> 40; mean ratio 0.19 (0.16,
-    # 0.29 and 0.24 at seeds 1-3; the worst single concept, lime at seed 3, 0.50). On the one an
-    # Intel Xeon (Sapphire Rapids) builds, trained there: mean 0.18, 0.21, 0.36, 0.20 at seeds 0-3;
-    # the worst single concept magenta at seed 2, 0.49.
+    # 0.29 and 0.24 at seeds 1-3; the worst single concept, lime at seed 3, 0.50). On the pinned
+    # tiny-sd an Intel Xeon (Sapphire Rapids) builds, trained there: mean 0.18, 0.21, 0.36, 0.20
+    # at seeds 0-3; the worst single concept magenta at seed 2, 0.49.
     ratios = {name: row["predicted"] / row["base"] for name, row in results.items()}
     assert sum(ratios.values()) / len(ratios) <= 0.5, ratios  # at least half way, on average
     assert all(r < 0.75 for r in ratios.values()), ratios  # and every concept clearly moves
@@ -61,6 +61,7 @@ def test_prediction_is_specific_to_its_concept(results: dict[str, dict[str, floa
     On the base a Sapphire Rapids Xeon builds, tightest: purple at seed 0, 58 against 73; magenta at
     seed 2, 101 against 128.
     Before the network read patch embeddings beside the last hidden state, and with 40 training
-    concepts, it failed at seed 1 here: magenta landed nearer purple (85 against 71)."""
+    concepts, it failed at seed 1 on the AVX2 host's base: magenta landed nearer purple (85
+    against 71)."""
     for name, row in results.items():
         assert row["predicted"] < row["to_other"], (name, row)
