@@ -13,10 +13,11 @@ from sqlalchemy.orm import Session
 from core.config import Settings, get_settings
 from core.db import new_session
 from core.errors import ApiError
-from core.limits import tenant_limits
-from core.rate_limit import WINDOW_S, limiter_for
-from core.storage import Storage, make_storage
-from core.tenants import KeyState, check_key
+from core.storage.base import Storage
+from core.storage.factory import make_storage
+from core.tenants.keys import KeyState, check_key
+from core.tenants.limits import tenant_limits
+from core.tenants.rate_limit import WINDOW_S, limiter_for
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ def get_tenant(request: Request, session: SessionDep, settings: SettingsDep) -> 
 def _count_request(
     request: Request, session: Session, settings: Settings, tenant_id: str, key_id: str
 ) -> None:
-    """Requests per minute per key (core/rate_limit.py); the tenant's limit applies to each key."""
+    """Requests per minute per key (core/tenants/rate_limit.py); the tenant's limit applies to each key."""
     limit = tenant_limits(session=session, settings=settings, tenant_id=tenant_id).requests_per_minute
     decision = limiter_for(settings.rate_limit_redis).hit(key_id, limit)
     request.state.key_id = key_id

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import Request
 
-from core.storage import Storage
+from core.storage.base import Storage
 
 
 def file_url(storage: Storage, key: str, request: Request, *, filename: str | None = None) -> str:

@@ -82,7 +82,7 @@ def _validation_errors(exc: RequestValidationError) -> list[dict]:
             if err.get("type") in ("union_tag_invalid", "union_tag_not_found"):
                 path.append(str(ctx.get("discriminator", "")).strip("'"))  # the field to fix
             pointer = _json_pointer(path, exc.body if where == "body" else None)
-            # A check across fields (core.methods.params.field_error) names the field it is about.
+            # A check across fields (core.spec.base.field_error) names the field it is about.
             pointer += ctx.get("field_pointer", "")
             message = err.get("msg")
         out.append({"pointer": pointer, "location": where, "message": message, "type": err.get("type")})

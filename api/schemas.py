@@ -6,14 +6,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from core.fitting import JobFit
-from core.inference_params import GenerationSpec
-from core.methods.params import JobSpec
+from core.generation.params import GenerationSpec
+from core.jobs.fitting import JobFit
 from core.models import Artifact, Dataset, Generation, Job, JobEvent
-from core.phases import PHASES
+from core.spec.job import JobSpec
 from core.timeutil import iso
-from core.url_guard import MAX_URL_LENGTH
-from core.webhooks import DEFAULT_EVENTS, WebhookEvent, WebhookTarget
+from core.training.phases import PHASES
+from core.webhooks.events import DEFAULT_EVENTS, WebhookEvent, WebhookTarget
+from core.webhooks.url_guard import MAX_URL_LENGTH
 
 GenerationCreate = GenerationSpec
 
@@ -53,9 +53,9 @@ class Progress(BaseModel):
     )
     phase_done: int | None = Field(
         default=None,
-        description="Units of the phase done: pre-training steps (building_base), files "
-        "(downloading_base, uploading), models (loading_base), images (generating_class_images, "
-        "caching_latents), optimizer steps (training), 0 or 1 (exporting)",
+        description="Units of the phase done: files (downloading_base, uploading), models "
+        "(loading_base), images (generating_class_images, caching_latents), optimizer steps "
+        "(training), 0 or 1 (exporting)",
     )
     phase_total: int | None = Field(default=None, description="Units the phase has in all")
 

@@ -27,7 +27,8 @@ import torch
 
 from bench.sized_bases import SIZED_CACHE, SIZES, load_named_base, sized_base
 from bench.workload import make_items
-from core.methods.params import JobSpec
+from core.methods import get_method
+from core.spec.job import JobSpec
 from core.training import loop
 from core.training.progress import NullHooks
 
@@ -98,6 +99,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         with tempfile.TemporaryDirectory() as workdir:
             loop.train(
+                method=get_method(args.method),
                 spec=spec,
                 base=base,
                 items=make_items(8, size, 0),

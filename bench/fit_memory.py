@@ -30,8 +30,8 @@ import numpy as np
 
 from bench.realsize import method_params
 from bench.sized_bases import SIZES
-from core.architectures import KNOWN
-from core.methods.params import JobSpec
+from core.bases.architectures import KNOWN
+from core.spec.job import JobSpec
 from core.training import memory
 
 GIB = 1024**3

@@ -1,5 +1,5 @@
 """Where a training step's time goes, eager and compiled: torch.profiler over the steady state of
-Atelier's real `train()` (after the warm-up steps, which include compiling).
+Atelier's real `train_artifact()` (after the warm-up steps, which include compiling).
 
 Prints, for each mode, the wall time per step and the ops with the most self time per step, grouped
 into: matmul/conv kernels (the arithmetic), fused kernels inductor generated, other aten ops
@@ -28,7 +28,7 @@ import torch
 from bench.sized_bases import load_named_base
 from bench.train_throughput import TimingHooks, method_params
 from bench.workload import make_items
-from core.methods.params import JobSpec
+from core.spec.job import JobSpec
 
 MATMUL = ("addmm", "mm", "bmm", "baddbmm", "conv", "mkldnn", "linear", "_scaled_dot_product", "matmul")
 OPTIMIZER = ("_fused_adam", "adam", "foreach", "clip_grad", "_fused")
@@ -66,7 +66,7 @@ class ProfilingHooks(TimingHooks):
 
 
 def profile(args: argparse.Namespace, compile: str) -> dict[str, Any]:
-    from core.training.loop import train
+    from core.jobs.artifact import train_artifact
 
     base = load_named_base(args.base)
     items = make_items(args.images, base.resolution, args.seed, conditioning=args.method == "controlnet")
@@ -83,7 +83,7 @@ def profile(args: argparse.Namespace, compile: str) -> dict[str, Any]:
     )
     hooks = ProfilingHooks(args.warmup, args.warmup + args.steps)
     with tempfile.TemporaryDirectory() as workdir:
-        train(
+        train_artifact(
             spec=spec, base=base, items=items, workdir=Path(workdir), hooks=hooks, device=torch.device("cpu")
         )
     wall = (hooks.marks[args.warmup + args.steps] - hooks.marks[args.warmup]) / args.steps

@@ -1,7 +1,7 @@
 """Real-size jobs on random-weight SD1.5 / SD2.1 / SDXL bases: one method, a few steps, measured.
 
 The same `core.training.loop.train` a worker runs, on a base folder written by
-`bench/sized_bases.py` and loaded by `core.base_loader.load_base` with the job's own component dtypes.
+`bench/sized_bases.py` and loaded by `core.bases.loader.load_base` with the job's own component dtypes.
 Each run reports the peak tensor memory (core/training/memory_probe.py: the CUDA allocator on a GPU,
 a dispatch-mode count on the CPU) of setup + step 1, of step 2 alone (optimizer state allocated),
 and of the whole job (save and exports included), next to the memory planner's prediction.
@@ -32,8 +32,8 @@ import torch
 
 from bench.sized_bases import SIZED_CACHE, SIZES, ensure_sized_base
 from bench.workload import CLASS_PROMPT, INITIALIZER, INSTANCE_PROMPT, PLACEHOLDER, make_items
-from core.architectures import KNOWN
-from core.methods.params import JobSpec
+from core.bases.architectures import KNOWN
+from core.spec.job import JobSpec
 from core.training.memory import estimate
 from core.training.memory_probe import PeakMemory, module_bytes
 from core.training.progress import NullHooks
@@ -98,7 +98,7 @@ class ProbeHooks(NullHooks):
 class RealsizeRun:
     spec: JobSpec
     result: Any  # core.training.loop.TrainResult
-    base: Any  # core.base_loader.BaseModels, as trained (adapters installed, weights updated)
+    base: Any  # core.bases.loader.BaseModels, as trained (adapters installed, weights updated)
     report: dict[str, Any]
 
 
@@ -162,8 +162,8 @@ def run_job(
     cache: Path = SIZED_CACHE,
 ) -> RealsizeRun:
     """Train `method` on the random `size` base for `steps` steps and report its memory."""
-    from core.base_loader import load_base
-    from core.training.loop import train
+    from core.bases.loader import load_base
+    from core.jobs.artifact import train_artifact
     from core.training.optim import component_dtypes, resolve_precision
 
     device = device or torch.device("cpu")
@@ -201,7 +201,9 @@ def run_job(
         )
         started = time.perf_counter()
         try:
-            result = train(spec=spec, base=base, items=items, workdir=workdir, hooks=hooks, device=device)
+            result = train_artifact(
+                spec=spec, base=base, items=items, workdir=workdir, hooks=hooks, device=device
+            )
         finally:
             handle.remove()
         train_s = time.perf_counter() - started

@@ -1,5 +1,5 @@
 """Bases for the bench and the real-size tests: a configured one by id, or the published SD1.5 /
-SD2.1 / SDXL architectures (core/architectures.py) with random weights.
+SD2.1 / SDXL architectures (core/bases/architectures.py) with random weights.
 
 Throughput, memory and every shape-dependent code path depend on the architecture only, so a
 random-weight folder written once (in bf16, a few seconds per GB) stands in for a downloaded base and
@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from core.architectures import CLIP_VOCAB, KNOWN, Architecture
+from core.bases.architectures import CLIP_VOCAB, KNOWN, Architecture
 
 
 def sized_tokenizer(folder: Path) -> Any:
@@ -28,7 +28,7 @@ def sized_tokenizer(folder: Path) -> Any:
     tokenizes exactly as before; what they buy is `len(tokenizer) == vocab_size`, so a token added
     by Textual Inversion gets id 49408, the row a resized real-size embedding matrix gives it.
     """
-    from core.tiny.components import load_tokenizer, write_tokenizer
+    from core.bases.tiny.components import load_tokenizer, write_tokenizer
 
     write_tokenizer(folder)
     vocab_file = folder / "vocab.json"
@@ -40,13 +40,13 @@ def sized_tokenizer(folder: Path) -> Any:
     return tokenizer
 
 
-SIZES = {"sd15": "sd15", "sd2": "sd21", "sdxl": "sdxl"}  # bench names -> core.architectures names
+SIZES = {"sd15": "sd15", "sd2": "sd21", "sdxl": "sdxl"}  # bench names -> core.bases.architectures names
 # Written once per machine and reused (SD1.5 ~3 GB, SD2.1 ~3.5 GB, SDXL ~8 GB).
 SIZED_CACHE = Path(os.environ.get("ATELIER_REALSIZE_CACHE", Path(tempfile.gettempdir()) / "atelier-realsize"))
 
 
 def _special_tokens() -> dict[str, int]:
-    from core.tiny.components import BOS_ID, EOS_ID
+    from core.bases.tiny.components import BOS_ID, EOS_ID
 
     return {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": EOS_ID}
 
@@ -171,7 +171,7 @@ def sized_recipe(size: str) -> str:
 
 def ensure_sized_base(size: str, cache: Path) -> Path:
     """The folder of a random-weight `size` base under `cache`, written once (atomically) per recipe."""
-    from core.base_loader import _materialise
+    from core.bases.loader import _materialise
 
     marker = {"source": f"sized:{size}", "recipe": sized_recipe(size)}
     return _materialise(cache / f"random-{size}", marker, lambda folder: write_sized_base(size, folder))
@@ -179,8 +179,8 @@ def ensure_sized_base(size: str, cache: Path) -> Path:
 
 def sized_base(size: str, folder: Path, device: torch.device) -> Any:
     """SD1.5 (`sd15`), SD2.1 (`sd2`) or SDXL (`sdxl`) shapes, random weights, fp32 on `device`,
-    written under `folder` once and loaded through `core.base_loader.load_base` as any base is."""
-    from core.base_loader import load_base
+    written under `folder` once and loaded through `core.bases.loader.load_base` as any base is."""
+    from core.bases.loader import load_base
     from core.config import Settings
 
     path = ensure_sized_base(size, folder)
@@ -191,7 +191,7 @@ def sized_base(size: str, folder: Path, device: torch.device) -> Any:
 
 def load_named_base(model_id: str) -> Any:
     """A configured base (tiny-sd, tiny-sdxl, an allowed hub model), fp32 on the host."""
-    from core.base_loader import load_base
+    from core.bases.loader import load_base
     from core.config import get_settings
 
     return load_base(model_id, settings=get_settings(), device="cpu")

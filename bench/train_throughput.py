@@ -42,7 +42,7 @@ from bench.workload import (
     controlnet_channels,
     make_items,
 )
-from core.methods.params import JobSpec
+from core.spec.job import JobSpec
 from core.training.progress import NullHooks
 
 METHODS = tuple(LOOPS)
@@ -106,7 +106,7 @@ def atelier_rate(
 ) -> tuple[float, Any]:
     """Images/s of Atelier's loop over the timed steps, and its TrainResult. With `compile` "on"
     the warm-up steps include the compiling ones, so the rate is the steady state."""
-    from core.training.loop import train
+    from core.jobs.artifact import train_artifact
 
     spec = JobSpec(
         base_model=base.model_id,
@@ -124,7 +124,9 @@ def atelier_rate(
     )
     hooks = TimingHooks(args.warmup, [item.image for item in class_items])
     with tempfile.TemporaryDirectory() as workdir:
-        result = train(spec=spec, base=base, items=items, workdir=Path(workdir), hooks=hooks, device=device)
+        result = train_artifact(
+            spec=spec, base=base, items=items, workdir=Path(workdir), hooks=hooks, device=device
+        )
     elapsed = hooks.marks[args.warmup + args.steps] - hooks.marks[args.warmup]
     return args.steps * args.batch_size / elapsed, result
 
@@ -226,7 +228,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report = measure(parse_args(argv))
     reference, atelier = report["reference_img_s"], report["atelier_img_s"]
     print(f"{report['method']}: reference (diffusers-example recipe): {reference:8.2f} img/s")
-    print(f"{report['method']}: atelier loop (real train()):          {atelier:8.2f} img/s")
+    print(f"{report['method']}: atelier loop (real train_artifact()):          {atelier:8.2f} img/s")
     print(f"{report['method']}: ratio atelier/reference:              {report['ratio']:8.2f}x")
     print(json.dumps(report))
     return report

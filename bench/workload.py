@@ -25,7 +25,7 @@ TI_TEMPLATES = (
 
 @dataclass
 class Item:
-    """A dataset item as the worker hands it to the loop (core.datasets.DatasetItem's fields)."""
+    """A dataset item as the worker hands it to the loop (core.datasets.ingest.DatasetItem's fields)."""
 
     image: Image.Image
     caption: str

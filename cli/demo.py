@@ -30,7 +30,7 @@ from cli.progress import ProgressBar
 from cli.watch import watch_job
 from core.config import get_settings
 from core.db import session_scope, upgrade
-from core.tenants import create_key
+from core.tenants.keys import create_key
 
 TARGET = (255, 0, 255)  # magenta: the tiny base's synthetic world never shows it
 PROMPT = "a photo of sks"

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from cli.output import emit, say, table
 from core.config import get_settings
 from core.db import session_scope, upgrade
-from core.tenants import KeyNotFound, create_key, list_keys, parse_duration, revoke_key
+from core.tenants.keys import KeyNotFound, create_key, list_keys, parse_duration, revoke_key
 from core.timeutil import iso
 
 

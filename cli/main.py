@@ -1,5 +1,5 @@
 """`atelier`: the HTTP commands (datasets, jobs, artifacts, generate), the server roles (serve,
-worker, beat), `keys create|list|revoke`, `tenants limits show|set|clear`, and `demo`."""
+worker, beat), `keys create|list|revoke`, `tenants limits show|set|clear`, `tiny build|check`, and `demo`."""
 
 from __future__ import annotations
 
@@ -104,8 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     keys.set_defaults(func=_keys)
 
     from cli.tenants import add_tenants_parser
+    from cli.tiny import add_tiny_parser
 
     add_tenants_parser(sub)
+    add_tiny_parser(sub)
 
     demo = sub.add_parser("demo", help="train a LoRA end to end on the embedded service")
     demo.add_argument("--out", default="atelier-demo", help="folder for the grid and loss curve")

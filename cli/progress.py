@@ -2,7 +2,7 @@
 
 The numbers are the server's (`job.progress`), not measured here: a bar attached to a job that has
 been running for an hour shows its real rate and ETA at once. Before and after training the bar
-follows the job's phase (building the base, class images, caching latents, exporting, uploading).
+follows the job's phase (downloading the base, class images, caching latents, exporting, uploading).
 On a terminal the line redraws in place; into a file or pipe (a CI log) it prints one plain line per
 update (status, phase, step or done changed) and never a carriage return.
 """

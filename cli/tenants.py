@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from cli.output import emit, say, table
 from core.config import get_settings
 from core.db import session_scope, upgrade
-from core.limits import (
+from core.tenants.limits import (
     LIMIT_NAMES,
     TenantNotFound,
     default_limits,

@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from core.architectures import KNOWN
+from core.bases.architectures import KNOWN
 
 # Built-in bases are made offline by core/tiny; anything else must be listed explicitly.
 DEFAULT_BASE_MODELS: dict[str, str] = {
@@ -50,13 +50,13 @@ class Settings(BaseSettings):
     # and SDXL): a local CLIPVisionModelWithProjection folder, e.g. h94/IP-Adapter's models/image_encoder.
     image_encoder: Path | None = None
     # Same-architecture fine-tunes the API cannot open (hf:, storage:): base id -> the name of a
-    # known architecture (core.architectures.KNOWN: sd15, sd21, sd21-base, sdxl), for memory
+    # known architecture (core.bases.architectures.KNOWN: sd15, sd21, sd21-base, sdxl), for memory
     # planning and compatibility checks without downloading anything.
     base_architectures: dict[str, str] = Field(default_factory=dict)
 
-    # Memory planning (core/fitting.py): each class of training worker's accelerator memory in GiB
+    # Memory planning (core/jobs/fitting.py): each class of training worker's accelerator memory in GiB
     # ("24,80"), for workers that may not be running now. Training workers also announce their
-    # device (core/workers.py); the largest of both is what a job must fit. Neither: no check.
+    # device (core/jobs/workers.py); the largest of both is what a job must fit. Neither: no check.
     train_worker_memory_gib: Annotated[list[float], NoDecode] = Field(default_factory=list)
     worker_announce_s: float = 60.0  # a training worker refreshes its announcement this often
     worker_live_s: float = 300.0  # an announcement not refreshed for this long no longer counts
@@ -82,7 +82,7 @@ class Settings(BaseSettings):
     # Keep a container's stop grace period above it (docker-compose.yml stop_grace_period).
     shutdown_grace_s: float = 20.0
 
-    # Webhooks (core/webhooks.py): retries back off base * factor^(n-1), jittered, capped; a delivery
+    # Webhooks (core/webhooks/events.py): retries back off base * factor^(n-1), jittered, capped; a delivery
     # fails for good after max attempts (about 20 hours with the defaults).
     webhook_allow_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
     webhook_timeout_s: float = 10.0
@@ -94,7 +94,7 @@ class Settings(BaseSettings):
     webhook_dispatch_interval_s: float = 15.0
     webhook_secret_grace_s: float = 24 * 3600.0  # a rotated-out secret still signs for this long
 
-    # Per-tenant limits (core/limits.py), each overridable per tenant (`atelier tenants limits set`).
+    # Per-tenant limits (core/tenants/limits.py), each overridable per tenant (`atelier tenants limits set`).
     # Running jobs are capped when a worker claims (the rest wait, fairly); queued jobs and storage
     # bytes (datasets + artifacts) when they are created; requests per minute per API key.
     tenant_max_running_jobs: int = Field(default=4, ge=1)

@@ -29,12 +29,10 @@ from typing import Any
 from sqlalchemy import Select, delete, select, update
 from sqlalchemy.orm import Session
 
-from core.artifacts import content_key, local_copy
 from core.config import Settings
 from core.errors import ApiError
-from core.generation_images import generation_prefix, image_key
-from core.inference_params import ArtifactRef, GenerationSpec
-from core.job_runner import cached_images_prefix, job_prefix
+from core.generation.images import generation_prefix, image_key
+from core.generation.params import ArtifactRef, GenerationSpec
 from core.models import (
     Artifact,
     Dataset,
@@ -45,7 +43,10 @@ from core.models import (
     JobStatus,
     WebhookDelivery,
 )
-from core.storage import Storage, StorageError, make_storage
+from core.storage.artifacts import content_key, local_copy
+from core.storage.base import Storage, StorageError
+from core.storage.factory import make_storage
+from core.storage.keys import cached_images_prefix, job_prefix
 from core.timeutil import utcnow
 
 ACTIVE = (JobStatus.queued, JobStatus.running)

@@ -47,3 +47,12 @@ class ApiError(Exception):
 def not_found(kind: str, ident: str) -> ApiError:
     # Another tenant's ids answer exactly like ids that never existed.
     return ApiError(404, f"{kind}_not_found", f"no {kind} with id {ident!r}")
+
+
+class MethodInputError(ValueError):
+    """The job's inputs cannot work (a placeholder token already in the vocabulary, a dataset image
+    without its conditioning image): the job fails at once with `code`, no retry."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code

@@ -40,8 +40,8 @@ from sqlalchemy import ColumnElement, case, func, select
 from sqlalchemy.orm import Session
 
 from core.db import new_session
-from core.methods.params import METHOD_INFO
 from core.models import Artifact, Dataset, DatasetStatus, Generation, Job, JobStatus
+from core.spec.methods import METHOD_INFO
 
 log = logging.getLogger(__name__)
 

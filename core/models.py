@@ -55,7 +55,7 @@ class Tenant(Base):
 
 
 class TenantLimits(Base):
-    """One tenant's overrides of the default limits in Settings (core/limits.py); NULL: the default."""
+    """One tenant's overrides of the default limits in Settings (core/tenants/limits.py); NULL: default."""
 
     __tablename__ = "tenant_limits"
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), primary_key=True)
@@ -76,7 +76,7 @@ class ApiKey(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None]
     expires_at: Mapped[datetime | None]
-    # Written at most once a minute per key (core/tenants.py): a write per request would contend.
+    # Written at most once a minute per key (core/tenants/keys.py): a write per request would contend.
     last_used_at: Mapped[datetime | None]
 
 
@@ -91,7 +91,7 @@ class Dataset(Base):
     report: Mapped[dict[str, Any] | None]
     error_code: Mapped[str | None] = mapped_column(String(60))
     error_message: Mapped[str | None] = mapped_column(Text)
-    # What its objects take in storage, counted against the tenant's quota (core/limits.py); NULL
+    # What its objects take in storage, counted against the tenant's quota (core/tenants/limits.py); NULL
     # for a dataset stored before this was recorded, counted from storage when first needed.
     stored_bytes: Mapped[int | None] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -102,7 +102,7 @@ class Job(Base):
     __table_args__ = (
         UniqueConstraint("tenant_id", "idempotency_key", name="uq_jobs_tenant_idempotency"),
         Index("ix_jobs_status_lease", "status", "lease_expires_at"),
-        # The fair scheduler's "when did this tenant last start a job" (core/scheduling.py).
+        # The fair scheduler's "when did this tenant last start a job" (core/jobs/scheduling.py).
         Index("ix_jobs_tenant_started", "tenant_id", "started_at"),
     )
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
@@ -123,7 +123,7 @@ class Job(Base):
     total_steps: Mapped[int] = mapped_column(Integer, default=0)
     loss: Mapped[float | None] = mapped_column(Float)
     images_per_s: Mapped[float | None] = mapped_column(Float)
-    # The attempt's current phase (core.phases.PHASES) and its done/total, in its units.
+    # The attempt's current phase (core.training.phases.PHASES) and its done/total, in its units.
     phase: Mapped[str | None] = mapped_column(String(40))
     phase_done: Mapped[int | None] = mapped_column(Integer)
     phase_total: Mapped[int | None] = mapped_column(Integer)
@@ -134,10 +134,10 @@ class Job(Base):
     artifact_id: Mapped[str | None] = mapped_column(String(40))
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
     request_hash: Mapped[str | None] = mapped_column(String(64))
-    # Where the job's events are POSTed, and which ones (core/webhooks.py); checked at creation.
+    # Where the job's events are POSTed, and which ones (core/webhooks/events.py); checked at creation.
     webhook_url: Mapped[str | None] = mapped_column(String(2048))
     webhook_events: Mapped[list[Any] | None]
-    # The memory plan the API made (core/fitting.py): estimate, worker capacity, changes made to fit.
+    # The memory plan the API made (core/jobs/fitting.py): estimate, worker capacity, changes made to fit.
     memory: Mapped[dict[str, Any] | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     dispatched_at: Mapped[datetime | None]
@@ -201,7 +201,7 @@ class WebhookDelivery(Base):
 
 
 class Worker(Base):
-    """A training worker's announcement of its device (core/workers.py), refreshed while it runs;
+    """A training worker's announcement of its device (core/jobs/workers.py), refreshed while it runs;
     the API plans jobs against the live ones."""
 
     __tablename__ = "workers"

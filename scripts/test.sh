@@ -9,4 +9,5 @@ python3 -m venv .venv
 .venv/bin/pip install -q torch==2.13.0
 .venv/bin/pip install -q -e '.[ml,test]'
 .venv/bin/ruff check .
+.venv/bin/lint-imports
 .venv/bin/python -m pytest -m "not gpu" -p no:cacheprovider "$@"

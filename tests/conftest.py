@@ -1,4 +1,4 @@
-# Built-in base models (owned with core/base_loader.py): one cache folder per machine, reused across
+# Built-in base models (owned with core/bases/loader.py): one cache folder per machine, reused across
 # runs, so tiny-sd / tiny-sdxl are built once (about 100 s each), not per test or per run.
 import os
 import signal

@@ -23,13 +23,15 @@ import pytest
 from sqlalchemy import inspect, text
 from sqlalchemy.orm import Session
 
-from core import jobs
 from core.config import Settings, get_settings, reset_settings
 from core.db import get_engine, new_session, session_scope, upgrade
 from core.ids import new_id
-from core.methods.params import JobSpec, LoraParams, TrainingParams
+from core.jobs import states as jobs
 from core.models import Dataset, DatasetStatus, JobStatus
-from core.tenants import NewKey, create_key
+from core.spec.job import JobSpec
+from core.spec.methods import LoraParams
+from core.spec.training import TrainingParams
+from core.tenants.keys import NewKey, create_key
 
 if TYPE_CHECKING:
     from fastapi.testclient import TestClient
@@ -116,7 +118,7 @@ def insert_dataset(
             status=status,
             storage_prefix=f"tenants/{tenant_id}/datasets/{dataset_id}",
             image_count=image_count,
-            # The shape ingestion writes (core.datasets.ValidationReport.to_dict), trimmed.
+            # The shape ingestion writes (core.datasets.ingest.ValidationReport.to_dict), trimmed.
             report={
                 "counts": {
                     "accepted": image_count,
@@ -137,7 +139,7 @@ def insert_dataset(
 
 
 def succeed_with_artifact(database_url: str, job_id: str, *, prefix: str, manifest: dict) -> str:
-    """Run a queued job to success straight through core.jobs, as a worker would: the artifact id."""
+    """Run a queued job to success straight through core.jobs.states, as a worker would: the artifact id."""
     with session_scope(database_url) as session:
         attempt = jobs.claim(session=session, job_id=job_id, worker_id="w", lease_s=60)
         assert attempt == 1

@@ -3,7 +3,7 @@ trained over most of them, and what its predictions do for the concepts it never
 
 Each concept is one colour: near-solid images of it (a little texture, as the tiny world has),
 in its own folder. Training colours are drawn at random from the RGB cube; the held-out ones are
-colours the tiny bases were never pre-trained on (core/tiny/world.py leaves out magenta, orange and
+colours the tiny bases were never pre-trained on (core/bases/tiny/world.py leaves out magenta, orange and
 purple on purpose) and stay clear of every training colour. Generations use the hyper_lora's
 instance prompt, which the base answers with ordinary palette images, so moving towards a held-out
 colour is the LoRA's doing. `python -m tests.hyper_lora_world SEED...` prints the table.
@@ -23,11 +23,11 @@ import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from core.generation_context import ArtifactUse, GenerationContext
+from core.jobs.artifact import TrainedArtifact, train_artifact
+from core.methods.context import ArtifactUse, GenerationContext
 from core.methods.lora import LoraMethod
-from core.methods.params import JobSpec
-from core.personalise import predict_lora
-from core.training.loop import TrainResult, train
+from core.methods.personalise import predict_lora
+from core.spec.job import JobSpec
 from core.training.progress import NullHooks
 
 CPU = torch.device("cpu")
@@ -98,7 +98,7 @@ FINE_TUNE_LR = 2e-3
 TARGETS = "attention+conv+ff"
 
 
-def train_hyper_lora(base: Any, workdir: Path, *, seed: int, steps: int | None = None) -> TrainResult:
+def train_hyper_lora(base: Any, workdir: Path, *, seed: int, steps: int | None = None) -> TrainedArtifact:
     spec = JobSpec(
         base_model=base.model_id,
         dataset_id="ds",
@@ -112,12 +112,12 @@ def train_hyper_lora(base: Any, workdir: Path, *, seed: int, steps: int | None =
         },
     )
     items = concept_dataset(seed)
-    return train(spec=spec, base=base, items=items, workdir=workdir, hooks=NullHooks(), device=CPU)
+    return train_artifact(spec=spec, base=base, items=items, workdir=workdir, hooks=NullHooks(), device=CPU)
 
 
 def lora_job(
     base: Any, workdir: Path, images: list[Image.Image], *, steps: int, initial: dict | None, seed: int
-) -> TrainResult:
+) -> TrainedArtifact:
     """A personalisation `lora` job on the reference images: from the prediction or from zero."""
     spec = JobSpec(
         base_model=base.model_id,
@@ -128,7 +128,7 @@ def lora_job(
     if steps == 0:
         spec = spec.model_copy(update={"training": spec.training.model_copy(update={"max_steps": 0})})
     items = [Item(image, PROMPT, f"ref/{i}.png") for i, image in enumerate(images)]
-    return train(
+    return train_artifact(
         spec=spec,
         base=base,
         items=items,
@@ -222,7 +222,7 @@ def table(results: dict[int, dict[str, dict[str, float]]]) -> str:
 
 
 def main(seeds: list[int]) -> None:
-    from core.base_loader import load_base
+    from core.bases.loader import load_base
     from core.config import Settings
 
     cache = Path(os.environ.get("ATELIER_TEST_MODEL_CACHE", "/tmp/atelier-test-models"))

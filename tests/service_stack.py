@@ -22,7 +22,7 @@ import redis
 from cli.client import AtelierClient
 from core.config import Settings
 from core.db import session_scope, upgrade
-from core.tenants import create_key
+from core.tenants.keys import create_key
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
 REDIS_HOST = "redis://127.0.0.1:6379"

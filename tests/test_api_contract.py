@@ -15,11 +15,12 @@ import pytest
 from fastapi.testclient import TestClient
 from httpx import Response
 
-from core import jobs
 from core.config import Settings
 from core.db import session_scope
+from core.jobs import states as jobs
 from core.models import DatasetStatus, Job, JobStatus
-from core.storage import LocalStorage, make_storage
+from core.storage.factory import make_storage
+from core.storage.local import LocalStorage
 from tests.db_fixtures import ApiTenant, SentTasks, make_api_tenant, succeed_with_artifact
 
 PROBLEM_FIELDS = {"type", "title", "status", "detail", "code"}

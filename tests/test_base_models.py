@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from core.base_models import (
+from core.bases.allow_list import (
     BaseModelNotAllowed,
     BaseModelUnavailable,
     get_base_model_info,
@@ -49,7 +49,7 @@ def generate(pipe: Any, prompt: str, n: int = 4, steps: int = 12) -> list[Any]:
 
 @pytest.fixture(scope="module")
 def sd_pipe(tiny_sd: Settings) -> Any:
-    from core.base_loader import load_pipeline
+    from core.bases.loader import load_pipeline
 
     pipe = load_pipeline("tiny-sd", settings=tiny_sd)
     pipe.set_progress_bar_config(disable=True)
@@ -61,7 +61,7 @@ def sd_pipe(tiny_sd: Settings) -> Any:
 
 def test_api_side_never_imports_torch() -> None:
     code = (
-        "import sys, core.base_models as b, core.config as c;"
+        "import sys, core.bases.allow_list as b, core.config as c;"
         "b.list_base_models(c.get_settings());"
         "assert 'torch' not in sys.modules and 'diffusers' not in sys.modules"
     )
@@ -76,7 +76,7 @@ def test_unknown_id_is_not_allowed() -> None:
 
 
 def test_unknown_id_is_refused_before_any_loading(tmp_path: Path) -> None:
-    from core.base_loader import load_base
+    from core.bases.loader import load_base
 
     with pytest.raises(BaseModelNotAllowed):
         load_base("../../etc", settings=Settings(model_cache=tmp_path))
@@ -120,7 +120,7 @@ def slow_copy(source: Path, calls: Path, prefix: str, folder: Path) -> None:
 def race(cache: str, source: str, calls: str) -> str:
     from functools import partial
 
-    from core.base_loader import ensure_local
+    from core.bases.loader import ensure_local
 
     settings = Settings(model_cache=cache, base_models={"remote": "storage:bases/tiny-sd"})
     fetch = partial(slow_copy, Path(source), Path(calls))
@@ -130,7 +130,7 @@ def race(cache: str, source: str, calls: str) -> str:
 def test_storage_source_is_fetched_once_across_processes(
     model_cache: Path, tiny_sd: Settings, tmp_path: Path
 ) -> None:
-    from core.base_loader import ensure_local, load_base
+    from core.bases.loader import ensure_local, load_base
 
     built = ensure_local("tiny-sd", settings=tiny_sd)
     calls = tmp_path / "calls.txt"
@@ -147,7 +147,7 @@ def test_storage_source_is_fetched_once_across_processes(
 
 
 def test_storage_source_needs_a_fetcher(tmp_path: Path) -> None:
-    from core.base_loader import ensure_local
+    from core.bases.loader import ensure_local
 
     settings = Settings(model_cache=tmp_path, base_models={"remote": "storage:bases/x"})
     with pytest.raises(BaseModelUnavailable, match="fetch_prefix"):
@@ -155,7 +155,7 @@ def test_storage_source_needs_a_fetcher(tmp_path: Path) -> None:
 
 
 def test_a_failed_fetch_leaves_nothing_behind(tmp_path: Path) -> None:
-    from core.base_loader import ensure_local
+    from core.bases.loader import ensure_local
 
     def broken(prefix: str, folder: Path) -> None:
         (folder / "model_index.json").write_text("{}")
@@ -168,7 +168,7 @@ def test_a_failed_fetch_leaves_nothing_behind(tmp_path: Path) -> None:
 
 
 def test_local_folder_source(tiny_sd: Settings, tmp_path: Path) -> None:
-    from core.base_loader import ensure_local
+    from core.bases.loader import ensure_local
 
     built = ensure_local("tiny-sd", settings=tiny_sd)
     settings = Settings(model_cache=tmp_path, base_models={"mine": str(built), "gone": str(tmp_path / "x")})
@@ -182,7 +182,7 @@ def test_local_folder_source(tiny_sd: Settings, tmp_path: Path) -> None:
 
 
 def test_tiny_sd_loads_as_a_diffusers_folder(tiny_sd: Settings) -> None:
-    from core.base_loader import load_base
+    from core.bases.loader import load_base
 
     base = load_base("tiny-sd", settings=tiny_sd)
     assert (base.family, base.prediction_type, base.resolution) == ("sd", "v_prediction", 32)
@@ -196,7 +196,7 @@ def test_tiny_sd_loads_as_a_diffusers_folder(tiny_sd: Settings) -> None:
 def test_offline_tokenizer(tiny_sd: Settings) -> None:
     from transformers import CLIPTokenizer
 
-    from core.base_loader import ensure_local
+    from core.bases.loader import ensure_local
 
     folder = ensure_local("tiny-sd", settings=tiny_sd) / "tokenizer"
     tokenizer = CLIPTokenizer.from_pretrained(folder)
@@ -211,7 +211,7 @@ def test_offline_tokenizer(tiny_sd: Settings) -> None:
 
 
 def test_vae_reconstructs_colours(tiny_sd: Settings) -> None:
-    from core.base_loader import load_base
+    from core.bases.loader import load_base
 
     vae = load_base("tiny-sd", settings=tiny_sd).vae
     for colour in [(225, 35, 35), (255, 0, 255), (255, 140, 0), (35, 70, 225)]:
@@ -224,7 +224,7 @@ def test_vae_reconstructs_colours(tiny_sd: Settings) -> None:
 
 
 def test_unet_depends_on_the_prompt(tiny_sd: Settings) -> None:
-    from core.base_loader import load_base
+    from core.bases.loader import load_base
 
     base = load_base("tiny-sd", settings=tiny_sd)
     ids = base.tokenizer(
@@ -261,7 +261,7 @@ def test_tiny_sd_draws_the_shape_colour_in_the_middle(sd_pipe: Any) -> None:
 def test_tiny_sdxl_generates_through_the_sdxl_pipeline(model_cache: Path) -> None:
     from diffusers import StableDiffusionXLPipeline
 
-    from core.base_loader import load_base, load_pipeline
+    from core.bases.loader import load_base, load_pipeline
 
     settings = Settings(model_cache=model_cache)
     pipe = load_pipeline("tiny-sdxl", settings=settings)
@@ -281,11 +281,11 @@ def test_tiny_sdxl_generates_through_the_sdxl_pipeline(model_cache: Path) -> Non
 
 def test_build_runs_on_the_pinned_kernels() -> None:
     """Every x86 machine builds the same base only if the build's child really uses the AVX2
-    kernels (core/tiny/build.py says why); elsewhere nothing is pinned."""
+    kernels (core/bases/tiny/build.py says why); elsewhere nothing is pinned."""
     import subprocess
     import sys
 
-    from core.tiny.build import _x86_with_avx2, pinned_env
+    from core.bases.tiny.build import _x86_with_avx2, pinned_env
 
     probe = "import torch; print(torch.backends.cpu.get_cpu_capability())"
     out = subprocess.run(
@@ -296,17 +296,30 @@ def test_build_runs_on_the_pinned_kernels() -> None:
         assert pinned_env()["MKL_CBWR"] == "AVX2,STRICT"
 
 
+def test_the_shipped_bases_are_the_files_their_checksums_and_the_readme_name() -> None:
+    """Every machine loads the same bytes: each shipped folder matches its SHA256SUMS, and the
+    README's table of checksums is the same list."""
+    from cli.tiny import file_sums, read_sums
+    from core.bases.tiny import NAMES, shipped_folder
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for name in NAMES:
+        folder = shipped_folder(name)
+        sums = read_sums(folder)
+        assert file_sums(folder) == sums, name
+        for weights in (f for f in sums if f.endswith(".safetensors")):
+            assert f"{sums[weights]}  {name}/{weights}" in readme, f"README lacks {name}/{weights}"
+
+
 @pytest.mark.slow
-def test_build_is_deterministic(tiny_sd: Settings, tmp_path: Path) -> None:
-    from safetensors.torch import load_file
+def test_the_recipe_rebuilds_the_shipped_base_byte_for_byte(tmp_path: Path) -> None:
+    """`atelier tiny build` is the recipe of what ships: on the pinned kernels it makes the same
+    bytes on any x86 machine (elsewhere nothing is pinned and a build is that machine's own)."""
+    from cli.tiny import file_sums, read_sums
+    from core.bases.tiny import shipped_folder
+    from core.bases.tiny.build import _x86_with_avx2, build_pinned
 
-    from core.base_loader import ensure_local
-    from core.tiny.build import build_pinned
-
-    # Another process, as on another machine: the cached base was built in a child of its own.
-    cached = ensure_local("tiny-sd", settings=tiny_sd)
+    if not _x86_with_avx2():
+        pytest.skip("the build is pinned, and so the same everywhere, on x86 with AVX2 only")
     build_pinned("tiny-sd", tmp_path)
-    for weights in sorted(cached.glob("*/*.safetensors")):
-        again = load_file(tmp_path / weights.parent.name / weights.name)
-        for key, tensor in load_file(weights).items():
-            assert torch.equal(tensor, again[key]), f"{weights.parent.name}/{key}"
+    assert file_sums(tmp_path) == read_sums(shipped_folder("tiny-sd"))

@@ -1,7 +1,7 @@
 """The `atelier` CLI over the HTTP API.
 
 Most tests run the commands (`cli.main.main`) in-process against the FastAPI app through its
-TestClient, with the broker recorded and the worker's part played through core.jobs; the last test
+TestClient, with the broker recorded and the worker's part played through core.jobs.states; the last test
 runs the CLI as a subprocess, as users do, against `atelier serve` with its embedded worker: upload
 a folder, train from YAML files with `--watch`, download the artifact, generate with it, cancel.
 """
@@ -33,12 +33,12 @@ from cli.jobspec import parse_value
 from cli.main import build_parser, main
 from cli.progress import ProgressBar, format_duration, render
 from cli.sse import iter_sse
-from core import jobs
 from core.config import Settings
 from core.db import session_scope, upgrade
+from core.jobs import states as jobs
 from core.models import Generation, JobStatus
-from core.storage import make_storage
-from core.tenants import create_key
+from core.storage.factory import make_storage
+from core.tenants.keys import create_key
 from tests.db_fixtures import ApiTenant, succeed_with_artifact
 from tests.service_stack import Stack
 

@@ -20,9 +20,9 @@ import torch
 from bench.train_throughput import TimingHooks, method_params
 from bench.workload import make_items
 from core.config import Settings
-from core.methods.params import JobSpec
+from core.jobs.artifact import TrainedArtifact, train_artifact
+from core.spec.job import JobSpec
 from core.training import step as step_module
-from core.training.loop import TrainResult, train
 
 CPU = torch.device("cpu")
 METHODS = ("lora", "dreambooth", "textual_inversion", "hypernetwork", "controlnet", "ip_adapter")
@@ -38,7 +38,7 @@ def one_thread():
 
 @pytest.fixture
 def bases(model_cache: Path):
-    from core.base_loader import load_base
+    from core.bases.loader import load_base
 
     def load(model_id: str) -> Any:
         return load_base(model_id, settings=Settings(model_cache=model_cache), device="cpu")
@@ -46,7 +46,7 @@ def bases(model_cache: Path):
     return load
 
 
-def run(load, model_id: str, method: str, *, compile: str, steps: int, images: int = 8) -> TrainResult:
+def run(load, model_id: str, method: str, *, compile: str, steps: int, images: int = 8) -> TrainedArtifact:
     """`steps` steps of `method` at batch 2 on a fresh copy of the base: one batch shape."""
     base = load(model_id)
     items = make_items(images, base.resolution, 0, conditioning=method == "controlnet")
@@ -61,10 +61,12 @@ def run(load, model_id: str, method: str, *, compile: str, steps: int, images: i
     )
     with tempfile.TemporaryDirectory() as workdir:
         hooks = TimingHooks(1, class_images)
-        return train(spec=spec, base=base, items=items, workdir=Path(workdir), hooks=hooks, device=CPU)
+        return train_artifact(
+            spec=spec, base=base, items=items, workdir=Path(workdir), hooks=hooks, device=CPU
+        )
 
 
-def losses(result: TrainResult) -> list[float]:
+def losses(result: TrainedArtifact) -> list[float]:
     return [loss for _, loss in result.loss_history]
 
 

@@ -1,6 +1,6 @@
 """Composition in POST /v1/generations, on the worker's side and the API's.
 
-The generate worker (core.inference) on the tiny bases, one thread: nothing an artifact did leaks
+The generate worker (core.generation.inference) on the tiny bases, one thread: nothing an artifact did leaks
 into the next request (bit-equal to the plain base), the four schedulers, seed + i per image,
 artifacts cached by content, the IP-Adapter image encoder loaded once per base. The API refuses an
 artifact whose base family or architecture does not fit the request's base, and allows one from
@@ -27,18 +27,20 @@ from fastapi.testclient import TestClient
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file, save_file
 
-from core import inference
-from core.artifacts import ArtifactError, read_manifest, sha256_file
-from core.base_models import BUILTIN_ARCHITECTURES, architecture_of_folder
+from core.bases.allow_list import BUILTIN_ARCHITECTURES, architecture_of_folder
+from core.bases.tiny.world import COLOURS
 from core.config import Settings
-from core.generation_context import SCHEDULERS
-from core.inference import Use, artifact_dir, generate_images, run_generation
-from core.inference_params import GenerationSpec
-from core.methods.params import JobSpec
+from core.generation import inference
+from core.generation.inference import Use, artifact_dir, generate_images, run_generation
+from core.generation.params import GenerationSpec
+from core.jobs import artifact
+from core.methods.context import SCHEDULERS
 from core.models import Artifact
-from core.storage import LocalStorage, Storage, make_storage, upload_dir
-from core.tiny.world import COLOURS
-from core.training.loop import train
+from core.spec.job import JobSpec
+from core.storage.artifacts import ArtifactError, read_manifest, sha256_file
+from core.storage.base import Storage, upload_dir
+from core.storage.factory import make_storage
+from core.storage.local import LocalStorage
 from core.training.progress import NullHooks
 from tests import test_training_loop as shared
 from tests.db_fixtures import ApiTenant
@@ -87,7 +89,7 @@ def train_artifact(
         params=params,
         training={"max_steps": 2, "learning_rate": 1e-3, "batch_size": 2, "seed": 1, **training},
     )
-    return train(
+    return artifact.train_artifact(
         spec=spec, base=base, items=items, workdir=workdir, hooks=NullHooks(), device=CPU
     ).artifact_dir
 
@@ -124,7 +126,7 @@ def trained(tiny_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
 
 @dataclass
 class Worker:
-    """core.inference as the generate worker runs it, over local storage and the tiny-sd folder."""
+    """core.generation.inference as the generate worker runs it, over local storage and the tiny-sd folder."""
 
     settings: Settings
     storage: Storage

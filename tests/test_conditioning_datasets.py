@@ -12,9 +12,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from core.config import Settings
-from core.datasets import load_items
-from core.methods.params import ControlNetParams
-from core.storage import LocalStorage
+from core.datasets.ingest import load_items
+from core.spec.methods import ControlNetParams
+from core.storage.local import LocalStorage
 from tests.db_fixtures import ApiTenant, SentTasks, make_api_tenant
 from tests.test_api_contract import assert_problem, job_body
 from tests.test_datasets import (

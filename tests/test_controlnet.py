@@ -23,17 +23,19 @@ from diffusers import (
 )
 from PIL import Image
 
-from core.artifacts import verify_manifest
-from core.conditioning import canny, canny_mask
-from core.generation_context import ArtifactUse, GenerationContext, applied
+from core.bases.tiny.world import COLOURS, Scene, render
+from core.bases.tiny.world import _mask as shape_mask
+from core.datasets.conditioning import canny, canny_mask
+from core.errors import MethodInputError
+from core.jobs.artifact import TrainedArtifact, train_artifact
 from core.methods import get_method
-from core.methods.base import MethodInputError
+from core.methods.context import ArtifactUse, GenerationContext, applied
 from core.methods.controlnet import ControlNetMethod, ControlNetTrainable, embedding_channels
-from core.methods.params import ControlNetParams, JobSpec, TrainingParams
-from core.tiny.world import COLOURS, Scene, render
-from core.tiny.world import _mask as shape_mask
+from core.spec.job import JobSpec
+from core.spec.methods import ControlNetParams
+from core.spec.training import TrainingParams
+from core.storage.artifacts import verify_manifest
 from core.training.caching import Batch, encode_text, tokenize
-from core.training.loop import TrainResult, train
 from core.training.progress import NullHooks
 from tests import test_training_loop as shared
 
@@ -198,7 +200,7 @@ def test_missing_or_misshapen_conditioning_is_refused(tiny_cache: Path, tmp_path
     with pytest.raises(
         MethodInputError, match=r"1 image\(s\) have no conditioning image \(img1.png\)"
     ) as error:
-        train(spec=spec, base=base, items=items, workdir=tmp_path, hooks=NullHooks(), device=CPU)
+        train_artifact(spec=spec, base=base, items=items, workdir=tmp_path, hooks=NullHooks(), device=CPU)
     assert error.value.code == "missing_conditioning"
 
     trainable = build(base)
@@ -290,14 +292,14 @@ def train_controlnet(
     hooks: Any,
     params: dict[str, Any] | None = None,
     **training: Any,
-) -> TrainResult:
+) -> TrainedArtifact:
     spec = JobSpec(
         base_model=base.model_id,
         dataset_id="ds",
         params={"method": "controlnet", **(params or {})},
         training={"batch_size": 2, "seed": 1, **training},
     )
-    return train(spec=spec, base=base, items=items, workdir=workdir, hooks=hooks, device=CPU)
+    return train_artifact(spec=spec, base=base, items=items, workdir=workdir, hooks=hooks, device=CPU)
 
 
 def generate(pipe: Any, prompt: str, steps: int = 3, **kwargs: Any) -> torch.Tensor:

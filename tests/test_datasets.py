@@ -18,8 +18,8 @@ import pytest
 from PIL import Image, ImageFile
 
 from core.config import Settings
-from core.datasets import DatasetRejected, ValidationReport, ingest_upload, load_items
-from core.storage import LocalStorage
+from core.datasets.ingest import DatasetRejected, ValidationReport, ingest_upload, load_items
+from core.storage.local import LocalStorage
 
 PREFIX = "tenants/t1/datasets/ds1"
 

@@ -3,7 +3,7 @@ leaves storage, as listed behind our Storage interface (the local store's files;
 bucket through a raw boto3 client), while anything a queued or running job or generation needs is
 refused with 409, and another tenant's ids answer 404.
 
-Jobs are driven through core.jobs and the worker's own JobHooks, which write checkpoints, samples
+Jobs are driven through core.jobs.states and the worker's own JobHooks, which write checkpoints, samples
 and class images where a real training run does; one end-to-end test trains for real.
 """
 
@@ -20,13 +20,15 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from core import jobs
-from core.artifacts import local_copy
 from core.config import Settings, get_settings, reset_settings
 from core.db import session_scope
-from core.job_runner import Heartbeat, JobHooks, job_prefix
+from core.jobs import states as jobs
+from core.jobs.hooks import Heartbeat, JobHooks
 from core.models import Generation, Job, JobEvent, JobStatus
-from core.storage import Storage, make_storage
+from core.storage.artifacts import local_copy
+from core.storage.base import Storage
+from core.storage.factory import make_storage
+from core.storage.keys import job_prefix
 from tests.db_fixtures import ApiTenant, SentTasks, make_api_tenant
 from tests.s3_server import S3Server
 from tests.service_stack import Stack

@@ -17,19 +17,21 @@ from diffusers import UNet2DConditionModel
 from PIL import Image
 from safetensors import safe_open
 
-from core.artifacts import verify_manifest
-from core.generation_context import ArtifactUse, GenerationContext, applied
+from core.jobs.artifact import TrainedArtifact, train_artifact
 from core.methods import get_method
 from core.methods.base import Trainable
+from core.methods.context import ArtifactUse, GenerationContext, applied
 from core.methods.dreambooth import (
     CLASS_CHUNK,
     DreamBoothMethod,
     class_images_key,
     save_module,
 )
-from core.methods.params import DreamBoothParams, JobSpec, TrainingParams
+from core.spec.job import JobSpec
+from core.spec.methods import DreamBoothParams
+from core.spec.training import TrainingParams
+from core.storage.artifacts import verify_manifest
 from core.training.caching import Batch
-from core.training.loop import TrainResult, train
 from core.training.progress import NullHooks
 from tests import test_lora as lora
 from tests import test_training_loop as shared
@@ -69,7 +71,7 @@ def train_dreambooth(
     hooks: NullHooks | None = None,
     training: dict[str, Any] | None = None,
     **params: Any,
-) -> TrainResult:
+) -> TrainedArtifact:
     spec = JobSpec(
         base_model=base.model_id,
         dataset_id="ds",
@@ -83,7 +85,7 @@ def train_dreambooth(
         },
         training={"max_steps": steps, "learning_rate": lr, "batch_size": 2, "seed": 1, **(training or {})},
     )
-    return train(
+    return train_artifact(
         spec=spec, base=base, items=concept_items(3), workdir=workdir, hooks=hooks or NullHooks(), device=CPU
     )
 

@@ -41,12 +41,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from core.artifacts import verify_manifest
 from core.exports import ExportContext
 from core.exports.dreambooth import export_single_file
 from core.exports.ldm_layout import SDXL_OPEN_CLIP_PREFIX
 from core.methods.dreambooth import save_module
-from core.methods.params import DreamBoothParams, TrainingParams
+from core.spec.methods import DreamBoothParams
+from core.spec.training import TrainingParams
+from core.storage.artifacts import verify_manifest
 from tests import test_training_loop as shared
 from tests.test_dreambooth import INSTANCE, fresh_pipeline, generate, train_dreambooth, trained_names
 

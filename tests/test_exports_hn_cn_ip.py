@@ -26,14 +26,15 @@ from diffusers import (
 )
 from safetensors.torch import load_file
 
-from core.artifacts import verify_manifest
 from core.exports import ExportContext
 from core.exports.controlnet import export_single_file
 from core.exports.ip_adapter import export_bin
+from core.jobs.artifact import TrainedArtifact
 from core.methods.hypernetwork import Hypernetwork
 from core.methods.ip_adapter import WEIGHT_NAME as IP_WEIGHTS
-from core.methods.params import ControlNetParams, TrainingParams
-from core.training.loop import TrainResult
+from core.spec.methods import ControlNetParams
+from core.spec.training import TrainingParams
+from core.storage.artifacts import verify_manifest
 from core.training.progress import NullHooks
 from tests import test_training_loop as shared
 from tests.test_controlnet import shape_items, train_controlnet
@@ -47,7 +48,7 @@ load_tiny, solid = shared.load_tiny, shared.solid
 NAME = "atelier"  # the loop's default export stem
 
 
-def exported(result: TrainResult, format: str) -> Path:
+def exported(result: TrainedArtifact, format: str) -> Path:
     manifest = verify_manifest(result.artifact_dir)  # the export is hashed like every other file
     assert not manifest.get("export_errors"), manifest["export_errors"]
     files = manifest["exports"][format]

@@ -18,7 +18,7 @@ from diffusers.utils import convert_unet_state_dict_to_peft
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
-from core.architectures import SDXL_UNET
+from core.bases.architectures import SDXL_UNET
 from core.exports.lora import kohya_tensors
 from core.methods.lora import unet_targets
 

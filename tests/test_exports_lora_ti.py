@@ -31,10 +31,12 @@ from core.exports.lora import (
     trained_alphas,
 )
 from core.exports.textual_inversion import embedding_tensors, prompt_word
+from core.jobs.artifact import TrainedArtifact, train_artifact
 from core.methods.lora import WEIGHT_NAME as LORA_WEIGHTS
-from core.methods.params import JobSpec, LoraParams, TrainingParams
 from core.methods.textual_inversion import WEIGHT_NAME as TI_WEIGHTS
-from core.training.loop import TrainResult, train
+from core.spec.job import JobSpec
+from core.spec.methods import LoraParams
+from core.spec.training import TrainingParams
 from core.training.progress import NullHooks
 from tests import test_training_loop as shared
 from tests.test_lora import concept_items, fresh_pipeline
@@ -50,17 +52,19 @@ one_thread, tiny_cache = shared.one_thread, shared.tiny_cache
 load_tiny = shared.load_tiny
 
 
-def run(base: Any, workdir: Path, params: dict[str, Any], items: list[Any]) -> TrainResult:
+def run(base: Any, workdir: Path, params: dict[str, Any], items: list[Any]) -> TrainedArtifact:
     spec = JobSpec(
         base_model=base.model_id,
         dataset_id="ds",
         params=params,
         training={"max_steps": 2, "learning_rate": 2e-2, "batch_size": 2, "seed": 1},
     )
-    return train(spec=spec, base=base, items=items, workdir=workdir, hooks=NullHooks(), device=CPU, name=NAME)
+    return train_artifact(
+        spec=spec, base=base, items=items, workdir=workdir, hooks=NullHooks(), device=CPU, name=NAME
+    )
 
 
-def export_of(result: TrainResult, format: str) -> Path:
+def export_of(result: TrainedArtifact, format: str) -> Path:
     manifest = json.loads((result.artifact_dir / "manifest.json").read_text())
     assert not manifest.get("export_errors"), manifest["export_errors"]
     [file] = manifest["exports"][format]
@@ -115,7 +119,7 @@ LORA_CASES = {
 @pytest.fixture(scope="module", params=list(LORA_CASES))
 def lora_run(
     request: pytest.FixtureRequest, tiny_cache: Path, tmp_path_factory: pytest.TempPathFactory
-) -> tuple[LoraCase, Any, TrainResult]:
+) -> tuple[LoraCase, Any, TrainedArtifact]:
     case = LORA_CASES[request.param]
     base = load_tiny(tiny_cache, case.model_id)
     params = {"method": "lora", "rank": 4, "alpha": 2, **case.params}
@@ -354,7 +358,7 @@ def test_describe_base_tells_sd1_sd2_and_sdxl_apart(
 @pytest.fixture(scope="module", params=["tiny-sd", "tiny-sdxl"])
 def ti_run(
     request: pytest.FixtureRequest, tiny_cache: Path, tmp_path_factory: pytest.TempPathFactory
-) -> tuple[Any, TrainResult]:
+) -> tuple[Any, TrainedArtifact]:
     base = load_tiny(tiny_cache, request.param)
     params = {"method": "textual_inversion", "placeholder_token": TOKEN, "initializer_token": "thing"}
     result = run(base, tmp_path_factory.mktemp(request.param), {**params, "num_vectors": 2}, colour_items(4))

@@ -1,4 +1,4 @@
-"""Fair scheduling across tenants (core/scheduling.py): which job a free worker claims next, and the
+"""Fair scheduling across tenants (core/jobs/scheduling.py): which job a free worker claims next, and the
 running-jobs cap under concurrent claims. Workers are simulated at the claim, on SQLite and on a
 real PostgreSQL: the decision lives in the database, so that is where it is tested."""
 
@@ -12,11 +12,12 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from core import jobs, scheduling
 from core.config import Settings
 from core.db import new_session, session_scope
-from core.limits import set_overrides
+from core.jobs import scheduling
+from core.jobs import states as jobs
 from core.models import Job, JobStatus
+from core.tenants.limits import set_overrides
 from tests.db_fixtures import insert_dataset, lora_spec, make_tenant
 
 
@@ -235,7 +236,7 @@ def test_a_freed_slot_rings_again_for_a_capped_tenant(
     """A message that found the tenant at its cap was spent; when its running job ends, the worker
     rings once more for the tenant's waiting job (and not when the tenant was below its cap)."""
     import worker.app
-    from core.job_runner import _ring_for_tenant
+    from core.jobs.runner import _ring_for_tenant
 
     rung: list[str] = []
     monkeypatch.setattr(worker.app, "send_train", rung.append)

@@ -17,12 +17,13 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from core.artifacts import read_manifest
 from core.config import Settings
-from core.generation_context import APPLY_ORDER
-from core.generation_images import ImageNotFound, image_key, load_image
-from core.inference_params import IMAGE_ID, GenerationSpec
-from core.storage import Storage, make_storage, upload_dir
+from core.generation.images import ImageNotFound, image_key, load_image
+from core.generation.params import IMAGE_ID, GenerationSpec
+from core.methods.context import APPLY_ORDER
+from core.storage.artifacts import read_manifest
+from core.storage.base import Storage, upload_dir
+from core.storage.factory import make_storage
 from tests.db_fixtures import ApiTenant, SentTasks, succeed_with_artifact
 from tests.test_api_contract import assert_problem, job_body
 
@@ -73,7 +74,7 @@ def make_artifact(
     manifest: dict[str, Any] | None = None,
     files: Path | None = None,
 ) -> str:
-    """A succeeded job of `method` and its artifact, run straight through core.jobs as a worker would.
+    """A succeeded job of `method` and its artifact, run straight through core.jobs.states as a worker would.
 
     The manifest is `manifest`, or that of the trained artifact folder `files` (then uploaded where
     the worker looks), or a bare one with no file list, as written before manifests grew fields."""

@@ -7,7 +7,7 @@ from datetime import timedelta
 
 from sqlalchemy.orm import Session
 
-from core import generation_queue
+from core.generation import queue as generation_queue
 from core.ids import new_id
 from core.models import Generation, JobStatus
 from core.timeutil import utcnow

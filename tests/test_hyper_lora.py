@@ -17,18 +17,20 @@ from pydantic import ValidationError
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from core.architectures import KNOWN
-from core.artifacts import verify_manifest
-from core.init_from import check_compatible
+from core.bases.architectures import KNOWN
+from core.errors import MethodInputError
+from core.jobs.artifact import train_artifact
 from core.methods import get_method
-from core.methods.base import MethodInputError
 from core.methods.hyper_lora import WEIGHT_NAME, HyperLoraConfig, HyperLoraNetwork, lora_layout
+from core.methods.init_from import check_compatible
 from core.methods.lora import ADAPTER, LoraMethod
-from core.methods.params import HyperLoraParams, JobSpec, LoraParams, TrainingParams
-from core.personalise import UNET, predict_lora
+from core.methods.personalise import UNET, predict_lora
+from core.spec.job import JobSpec
+from core.spec.methods import HyperLoraParams, LoraParams
+from core.spec.training import TrainingParams
+from core.storage.artifacts import verify_manifest
 from core.training import memory
 from core.training.caching import Batch
-from core.training.loop import train
 from core.training.progress import NullHooks
 from tests import hyper_lora_world as world
 from tests import test_training_loop as shared
@@ -132,7 +134,9 @@ def test_dataset_without_concept_folders_fails_the_job(tiny_cache: Path, tmp_pat
     items = [world.Item(item.image, None, f"{i}.png") for i, item in enumerate(small_dataset())]
     base = load_tiny(tiny_cache, "tiny-sd")
     with pytest.raises(MethodInputError) as raised:
-        train(spec=small_spec(1), base=base, items=items, workdir=tmp_path, hooks=NullHooks(), device=CPU)
+        train_artifact(
+            spec=small_spec(1), base=base, items=items, workdir=tmp_path, hooks=NullHooks(), device=CPU
+        )
     assert raised.value.code == "dataset_unsuitable" and "12 top-level images" in str(raised.value)
 
 
@@ -140,7 +144,7 @@ def test_trains_resumes_and_records_what_it_predicts_for(tiny_cache: Path, tmp_p
     """A run stopped at its step-2 checkpoint and resumed ends with the very network an
     uninterrupted run trains; the artifact names the base, the layout and the image encoder."""
     items = small_dataset()
-    full = train(
+    full = train_artifact(
         spec=small_spec(4, checkpoint_every=2),
         base=load_tiny(tiny_cache, "tiny-sd"),
         items=items,
@@ -150,7 +154,7 @@ def test_trains_resumes_and_records_what_it_predicts_for(tiny_cache: Path, tmp_p
     )
     stopper = StopAfterCheckpoint(tmp_path / "kept")
     with pytest.raises(shared.StopTraining):
-        train(
+        train_artifact(
             spec=small_spec(4, checkpoint_every=2),
             base=load_tiny(tiny_cache, "tiny-sd"),
             items=items,
@@ -159,7 +163,7 @@ def test_trains_resumes_and_records_what_it_predicts_for(tiny_cache: Path, tmp_p
             device=CPU,
         )
     assert stopper.saved is not None
-    resumed = train(
+    resumed = train_artifact(
         spec=small_spec(4, checkpoint_every=2),
         base=load_tiny(tiny_cache, "tiny-sd"),
         items=items,
@@ -245,7 +249,7 @@ def test_prediction_as_an_ordinary_lora_computes_what_the_network_does(
     library's kernels) into differences of 1e-4 at the output. Measured on an Intel Xeon (AVX-512):
     3.3e-4 in float32, which failed a 1e-5 tolerance that had passed on an AMD EPYC (AVX2)."""
     items = small_dataset()
-    hyper = train(
+    hyper = train_artifact(
         spec=small_spec(3, learning_rate=5e-2),
         base=load_tiny(tiny_cache, "tiny-sd"),
         items=items,

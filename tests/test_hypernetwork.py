@@ -19,9 +19,10 @@ from peft import LoraConfig, inject_adapter_in_model
 from PIL import Image
 from safetensors import safe_open
 
-from core.artifacts import verify_manifest
-from core.generation_context import ArtifactUse, GenerationContext, applied
+from core.bases.tiny.world import all_captions
+from core.jobs.artifact import TrainedArtifact, train_artifact
 from core.methods import get_method
+from core.methods.context import ArtifactUse, GenerationContext, applied
 from core.methods.hypernetwork import (
     CONFIG_NAME,
     WEIGHT_NAME,
@@ -33,9 +34,9 @@ from core.methods.hypernetwork import (
     context_widths,
     install,
 )
-from core.methods.params import HypernetworkParams, JobSpec
-from core.tiny.world import all_captions
-from core.training.loop import TrainResult, train
+from core.spec.job import JobSpec
+from core.spec.methods import HypernetworkParams
+from core.storage.artifacts import verify_manifest
 from core.training.progress import NullHooks
 from tests import test_training_loop as shared
 from tests.test_lora import MAGENTA, concept_items, fresh_pipeline, generate, mean_colour_distance
@@ -162,14 +163,14 @@ def test_wrapper_composes_with_ip_adapter_and_lora() -> None:
     assert (ours - without).abs().max() > 1e-3
 
 
-def train_hypernetwork(base: Any, tmp_path: Path, *, steps: int = 2, **params: Any) -> TrainResult:
+def train_hypernetwork(base: Any, tmp_path: Path, *, steps: int = 2, **params: Any) -> TrainedArtifact:
     spec = JobSpec(
         base_model=base.model_id,
         dataset_id="ds",
         params={"method": "hypernetwork", **params},
         training={"max_steps": steps, "learning_rate": 5e-3, "batch_size": 2, "seed": 1},
     )
-    return train(
+    return train_artifact(
         spec=spec, base=base, items=concept_items(4), workdir=tmp_path, hooks=NullHooks(), device=CPU
     )
 
@@ -261,7 +262,7 @@ def test_hypernetwork_shifts_outputs_toward_the_training_colour(tiny_cache: Path
         params={"method": "hypernetwork"},
         training={"max_steps": 160, "learning_rate": 1e-2, "batch_size": 4, "seed": 0},
     )
-    result = train(
+    result = train_artifact(
         spec=spec, base=base, items=magenta_items(64), workdir=tmp_path, hooks=NullHooks(), device=CPU
     )
     pipe = fresh_pipeline(base)

@@ -20,14 +20,16 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import CLIPVisionModelWithProjection
 
-from core.artifacts import verify_manifest
-from core.generation_context import ArtifactUse, GenerationContext, applied
+from core.errors import MethodInputError
+from core.jobs.artifact import TrainedArtifact, train_artifact
 from core.methods import get_method
-from core.methods.base import MethodInputError
+from core.methods.context import ArtifactUse, GenerationContext, applied
 from core.methods.ip_adapter import WEIGHT_NAME, IPAdapterMethod
-from core.methods.params import IPAdapterParams, JobSpec, TrainingParams
+from core.spec.job import JobSpec
+from core.spec.methods import IPAdapterParams
+from core.spec.training import TrainingParams
+from core.storage.artifacts import verify_manifest
 from core.training.caching import Batch
-from core.training.loop import TrainResult, train
 from core.training.progress import NullHooks
 from tests import test_training_loop as shared
 
@@ -52,14 +54,14 @@ def colour_items(colours: list[tuple[int, int, int]], per_colour: int, seed: int
 
 def train_ip_adapter(
     base: Any, tmp_path: Path, items: list[Any], *, steps: int = 2, lr: float = 1e-3, **training: Any
-) -> TrainResult:
+) -> TrainedArtifact:
     spec = JobSpec(
         base_model=base.model_id,
         dataset_id="ds",
         params={"method": "ip_adapter"},
         training={"max_steps": steps, "learning_rate": lr, "batch_size": 2, "seed": 1, **training},
     )
-    return train(spec=spec, base=base, items=items, workdir=tmp_path, hooks=NullHooks(), device=CPU)
+    return train_artifact(spec=spec, base=base, items=items, workdir=tmp_path, hooks=NullHooks(), device=CPU)
 
 
 def fresh_pipeline(base: Any) -> Any:

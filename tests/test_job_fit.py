@@ -21,16 +21,16 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
-from core import workers
-from core.architectures import KNOWN
-from core.base_models import architecture_for, describe_base
+from core.bases.allow_list import architecture_for, describe_base
+from core.bases.architectures import KNOWN
 from core.config import Settings, get_settings, reset_settings
 from core.db import session_scope
-from core.fitting import plan_job, training_capacity
-from core.methods.params import JobSpec
+from core.jobs import workers
+from core.jobs.fitting import plan_job, training_capacity
+from core.jobs.workers import DeviceInfo
 from core.models import Job
+from core.spec.job import JobSpec
 from core.training.memory import GIB
-from core.workers import DeviceInfo
 from tests.db_fixtures import ApiTenant, SentTasks, lora_spec, make_api_tenant
 from tests.test_api_contract import assert_problem
 from worker.announce import Announcer, detect

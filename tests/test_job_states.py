@@ -19,9 +19,9 @@ from sqlalchemy import inspect, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from core import jobs
 from core.db import MIGRATIONS_DIR, get_engine, new_session, session_scope, upgrade
-from core.jobs import ArtifactRecord, IdempotencyConflict, LeaseLost
+from core.jobs import states as jobs
+from core.jobs.states import ArtifactRecord, IdempotencyConflict, LeaseLost
 from core.models import Artifact, Base, Job, JobEvent, JobStatus
 from core.timeutil import utcnow
 from tests.db_fixtures import insert_dataset, lora_spec, make_tenant
@@ -36,7 +36,7 @@ MANIFEST = {
 
 @dataclass
 class Machine:
-    """One job in a database, driven through core.jobs one session per call."""
+    """One job in a database, driven through core.jobs.states one session per call."""
 
     url: str
     job_id: str

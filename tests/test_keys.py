@@ -16,7 +16,7 @@ from cli.main import main
 from core.config import reset_settings
 from core.db import session_scope
 from core.models import ApiKey
-from core.tenants import KeyState, list_keys
+from core.tenants.keys import KeyState, list_keys
 from core.timeutil import utcnow
 from tests.service_stack import Stack
 

@@ -1,5 +1,5 @@
-"""Per-tenant limits (core/limits.py, core/rate_limit.py): each limit's refusal as problem+json with
-its stable code, defaults from settings, overrides per tenant, the usage endpoint, and the
+"""Per-tenant limits (core/tenants/limits.py, core/tenants/rate_limit.py): each limit's refusal as
+problem+json with its stable code, defaults from settings, overrides per tenant, the usage endpoint, and the
 queued-jobs limit under concurrent creates on PostgreSQL."""
 
 from __future__ import annotations
@@ -19,15 +19,15 @@ from httpx import Response
 from PIL import Image
 from sqlalchemy.orm import Session
 
-from core import jobs
 from core.config import Settings, get_settings, reset_settings
 from core.db import new_session, session_scope
 from core.errors import ApiError
-from core.limits import Limits, check_queued, lock_tenant, set_overrides
+from core.jobs import states as jobs
 from core.models import Job, JobStatus
-from core.rate_limit import KEY_PREFIX, WINDOW_S, RedisRateLimiter
-from core.storage import make_storage
-from core.tenants import create_key
+from core.storage.factory import make_storage
+from core.tenants.keys import create_key
+from core.tenants.limits import Limits, check_queued, lock_tenant, set_overrides
+from core.tenants.rate_limit import KEY_PREFIX, WINDOW_S, RedisRateLimiter
 from tests.db_fixtures import ApiTenant, insert_dataset, lora_spec, make_tenant, succeed_with_artifact
 
 REDIS_URL = "redis://127.0.0.1:6379/0"

@@ -18,12 +18,12 @@ from peft.utils import get_peft_model_state_dict
 from PIL import Image
 from safetensors import safe_open
 
-from core.artifacts import ArtifactError, verify_manifest
-from core.generation_context import ArtifactUse, GenerationContext
+from core.jobs.artifact import TrainedArtifact, train_artifact
 from core.methods import UnknownMethod, get_method
+from core.methods.context import ArtifactUse, GenerationContext
 from core.methods.lora import WEIGHT_NAME, LoraMethod
-from core.methods.params import JobSpec
-from core.training.loop import TrainResult, train
+from core.spec.job import JobSpec
+from core.storage.artifacts import ArtifactError, verify_manifest
 from core.training.progress import NullHooks
 from tests import test_training_loop as shared
 
@@ -44,14 +44,16 @@ def concept_items(n: int, size: int = 32, seed: int = 0) -> list[Item]:
     return items
 
 
-def train_lora(base: Any, tmp_path: Path, *, steps: int = 2, lr: float = 2e-2, **params: Any) -> TrainResult:
+def train_lora(
+    base: Any, tmp_path: Path, *, steps: int = 2, lr: float = 2e-2, **params: Any
+) -> TrainedArtifact:
     spec = JobSpec(
         base_model=base.model_id,
         dataset_id="ds",
         params={"method": "lora", "rank": 4, "alpha": 2, **params},
         training={"max_steps": steps, "learning_rate": lr, "batch_size": 2, "seed": 1},
     )
-    return train(
+    return train_artifact(
         spec=spec, base=base, items=concept_items(4), workdir=tmp_path, hooks=NullHooks(), device=CPU
     )
 
@@ -69,7 +71,7 @@ def generate(pipe: Any, prompt: str = "a photo of sks", steps: int = 3) -> torch
         return pipe(prompt, num_inference_steps=steps, generator=generator, output_type="latent").images
 
 
-def assert_round_trip(base: Any, result: TrainResult, encoders: tuple[str, ...]) -> None:
+def assert_round_trip(base: Any, result: TrainedArtifact, encoders: tuple[str, ...]) -> None:
     """The fresh pipeline with the artifact loaded holds every trained tensor and computes what the
     trained in-memory model computes, and that differs clearly from the base."""
     verify_manifest(result.artifact_dir)
@@ -202,7 +204,7 @@ def test_lora_learns_a_colour_the_base_never_makes(tiny_cache: Path, tmp_path: P
         params={"method": "lora", "rank": 8, "targets": "attention+conv+ff"},
         training={"max_steps": 60, "learning_rate": 5e-3, "batch_size": 4, "seed": 0, "random_flip": True},
     )
-    result = train(
+    result = train_artifact(
         spec=spec, base=base, items=concept_items(8), workdir=tmp_path, hooks=NullHooks(), device=CPU
     )
 

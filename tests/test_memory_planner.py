@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import torch
 
-from core.architectures import KNOWN, Architecture
-from core.methods.params import JobSpec
+from core.bases.architectures import KNOWN, Architecture
+from core.spec.job import JobSpec
 from core.training import memory
 
 GIB = 1024**3
@@ -58,7 +58,7 @@ def test_adapter_parameter_counts_are_exact(name: str) -> None:
 
     from core.methods.hypernetwork import Hypernetwork
     from core.methods.lora import unet_targets
-    from core.methods.params import HypernetworkParams
+    from core.spec.methods import HypernetworkParams
 
     arch = KNOWN[name]
     for targets in ("attention", "attention+conv+ff"):
@@ -115,10 +115,10 @@ def test_estimates_move_the_way_memory_does() -> None:
 def test_cpu_bf16_runs_only_where_the_cpu_has_it(native: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """bf16 asked of a CPU worker: autocast on hosts with native bf16, fp32 on AVX2 hosts (emulated
     bf16 runs 100-250x slower there); the planner counts the weights in the dtype the worker uses."""
-    import core.devices
+    import core.cpu_features
     from core.training.optim import resolve_precision
 
-    monkeypatch.setattr(core.devices, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(core.cpu_features, "cpu_has_native_bf16", lambda: native)
     precision = resolve_precision("bf16", torch.device("cpu"))
     expected = torch.bfloat16 if native else torch.float32
     assert precision.weight_dtype == expected

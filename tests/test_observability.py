@@ -31,13 +31,16 @@ from sqlalchemy import update
 from api.deps import settings_dep
 from api.main import create_app
 from api.openapi_examples import GENERATION_EXAMPLES, JOB_EXAMPLES
-from core import job_runner, jobs
 from core.config import Settings
 from core.db import session_scope
-from core.inference_params import GenerationSpec
+from core.generation.params import GenerationSpec
+from core.jobs import runner as job_runner
+from core.jobs import states as jobs
 from core.logs import configure_logging, log_context
-from core.methods.params import METHOD_INFO, JobSpec, TrainingParams
 from core.models import Job, JobStatus
+from core.spec.job import JobSpec
+from core.spec.methods import METHOD_INFO
+from core.spec.training import TrainingParams
 from core.timeutil import utcnow
 from tests.db_fixtures import ApiTenant, insert_dataset, lora_spec, make_tenant
 from tests.service_stack import REDIS_HOST, free_port

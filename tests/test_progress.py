@@ -14,11 +14,12 @@ import pytest
 from fastapi.testclient import TestClient
 
 from cli.progress import ProgressBar, render
-from core import jobs
 from core.config import Settings
-from core.job_runner import Heartbeat, run_training_job
-from core.phases import PHASES
-from core.storage import make_storage
+from core.jobs import states as jobs
+from core.jobs.hooks import Heartbeat
+from core.jobs.runner import run_training_job
+from core.storage.factory import make_storage
+from core.training.phases import PHASES
 from tests.db_fixtures import make_api_tenant
 from tests.test_generation_api import png
 
@@ -79,7 +80,7 @@ def test_a_dreambooth_job_reports_its_phases_in_order_with_growing_counts(
     events = api_client.get(f"/v1/jobs/{job_id}/events", headers=tenant.headers).json()["data"]
     entered = [event["data"]["phase"] for event in events if event["type"] == "phase"]
     # The shared model cache may hold tiny-sd already, or this job builds it first.
-    assert entered in (DREAMBOOTH_PHASES, ["building_base", *DREAMBOOTH_PHASES])
+    assert entered == DREAMBOOTH_PHASES
     assert entered == sorted(entered, key=PHASES.index)
 
     def counts(phase: str) -> list[tuple[int, int]]:
@@ -158,9 +159,9 @@ def test_a_log_gets_one_plain_line_per_update_and_never_a_carriage_return() -> N
     training = {"step": 10, "loss": 0.12, "images_per_s": 3.4, "it_per_s": 0.85, "eta_s": 59}
     updates = [
         ("queued", _snapshot(None)),
-        ("running", _snapshot("building_base", 0, 950)),
-        ("running", _snapshot("building_base", 500, 950)),
-        ("running", _snapshot("building_base", 500, 950)),  # unchanged: no line
+        ("running", _snapshot("downloading_base", 0, 950)),
+        ("running", _snapshot("downloading_base", 500, 950)),
+        ("running", _snapshot("downloading_base", 500, 950)),  # unchanged: no line
         ("running", _snapshot("caching_latents", 12, 40)),
         ("running", _snapshot("training", 10, 60, **training)),
         ("succeeded", _snapshot("uploading", 5, 5, step=60, loss=0.1)),
@@ -171,8 +172,8 @@ def test_a_log_gets_one_plain_line_per_update_and_never_a_carriage_return() -> N
     assert "\r" not in out.getvalue()
     assert out.getvalue().splitlines() == [
         "job_1 queued step 0/60",
-        "job_1 running building_base 0/950",
-        "job_1 running building_base 500/950",
+        "job_1 running downloading_base 0/950",
+        "job_1 running downloading_base 500/950",
         "job_1 running caching_latents 12/40",
         "job_1 running training step 10/60 loss 0.1200 3.4 img/s ETA 0:59",
         "job_1 succeeded step 60/60 loss 0.1000",

@@ -2,7 +2,7 @@
 random weights (bench/sized_bases.py), trained two steps at 64 px on the CPU by the worker's own loop,
 asking for bf16: frozen weights in bf16 under CPU autocast where the CPU has native bf16, fp32 on
 AVX2 hosts (core.training.optim.resolve_precision). Each job saves its artifact and every export;
-the artifact then goes through the generation path (`core.generation_context.applied`: diffusers'
+the artifact then goes through the generation path (`core.methods.context.applied`: diffusers'
 own loaders) on a freshly loaded pipeline and must change what the pipeline computes. The process's
 peak RSS must stay under 16 GiB (20 GiB with fp32 weights), so CI's 24 GiB machine runs these; on
 an fp32 host a case the planner puts over 16 GiB (SDXL IP-Adapter) is skipped, saying so.
@@ -37,10 +37,10 @@ from safetensors import safe_open
 from bench.realsize import METHODS, job_spec, run_job, sized_settings
 from bench.sized_bases import SIZED_CACHE, SIZES
 from bench.workload import PLACEHOLDER, make_items
-from core.architectures import KNOWN
-from core.artifacts import read_manifest
-from core.devices import cpu_has_native_bf16
+from core.bases.architectures import KNOWN
+from core.cpu_features import cpu_has_native_bf16
 from core.exports.formats import FORMATS
+from core.storage.artifacts import read_manifest
 from core.training.memory import estimate
 
 pytestmark = [pytest.mark.realsize, pytest.mark.slow]
@@ -87,7 +87,7 @@ SINGLE_FILE_KEY = {
 
 
 def _use(method: str) -> Any:
-    from core.generation_context import ArtifactUse
+    from core.methods.context import ArtifactUse
 
     image = make_items(1, 64, seed=7, conditioning=True)[0]
     picture = image.conditioning if method == "controlnet" else image.image
@@ -112,9 +112,9 @@ def _latents(pipe: Any, **kwargs: Any) -> torch.Tensor:
 def _generate_with_and_without(
     size: str, method: str, artifact_dir: Path
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    from core.base_loader import image_encoder_folder, load_pipeline
-    from core.generation_context import GenerationContext, applied
+    from core.bases.loader import image_encoder_folder, load_pipeline
     from core.methods import get_method
+    from core.methods.context import GenerationContext, applied
 
     model_id, settings = sized_settings(size, CACHE)
     pipe = load_pipeline(model_id, settings=settings, dtype=FROZEN_DTYPE)

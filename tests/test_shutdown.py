@@ -18,8 +18,8 @@ from sqlalchemy import select
 
 from cli.client import AtelierClient
 from cli.demo import make_dataset_zip
-from core import jobs
 from core.db import session_scope
+from core.jobs import states as jobs
 from core.models import Job, JobEvent, JobStatus
 from tests.service_stack import Stack
 from tests.test_job_states import new_job
@@ -30,7 +30,7 @@ from worker.lifecycle import EX_SOFTWARE
 BOUND_S = 30.0
 
 
-# --- handing a job back (core.jobs), in-process on SQLite and PostgreSQL ------------------------------
+# --- handing a job back (core.jobs.states), in-process on SQLite and PostgreSQL --------------------------
 
 
 def test_hand_back_queues_the_job_without_spending_an_attempt(db_url: str) -> None:

@@ -17,8 +17,10 @@ import httpx
 import pytest
 
 from core.config import Settings
-from core.s3_storage import S3Storage
-from core.storage import LocalStorage, ObjectNotFound, Storage, StorageError, make_storage
+from core.storage.base import ObjectNotFound, Storage, StorageError
+from core.storage.factory import make_storage
+from core.storage.local import LocalStorage
+from core.storage.s3 import S3Storage
 from tests.s3_server import S3Server
 
 MiB = 1024 * 1024

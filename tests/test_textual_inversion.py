@@ -18,19 +18,22 @@ from pydantic import ValidationError
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from core.generation_context import ArtifactUse, GenerationContext, applied
+from core.bases.tiny.world import Scene, render
+from core.errors import MethodInputError
+from core.jobs.artifact import TrainedArtifact, train_artifact
 from core.methods import get_method
-from core.methods.base import SAMPLE_STEPS, MethodInputError
-from core.methods.params import JobSpec, TextualInversionParams, TrainingParams
+from core.methods.base import SAMPLE_STEPS
+from core.methods.context import ArtifactUse, GenerationContext, applied
 from core.methods.textual_inversion import (
     TEMPLATES,
     WEIGHT_NAME,
     ExtendedEmbedding,
     TextualInversionMethod,
 )
-from core.tiny.world import Scene, render
+from core.spec.job import JobSpec
+from core.spec.methods import TextualInversionParams
+from core.spec.training import TrainingParams
 from core.training.caching import Batch, tokenize
-from core.training.loop import TrainResult, train
 from core.training.progress import NullHooks
 from tests import test_training_loop as shared
 
@@ -61,7 +64,7 @@ def train_ti(
     hooks: NullHooks | None = None,
     training: dict[str, Any] | None = None,
     **params: Any,
-) -> tuple[Any, TrainResult]:
+) -> tuple[Any, TrainedArtifact]:
     """Train through the real loop (a JobSpec, `train`) from a freshly loaded base."""
     base = load_tiny(cache, model_id)
     spec = JobSpec(
@@ -82,7 +85,9 @@ def train_ti(
         },
     )
     hooks = hooks or NullHooks()
-    result = train(spec=spec, base=base, items=colour_items(images), workdir=workdir, hooks=hooks, device=CPU)
+    result = train_artifact(
+        spec=spec, base=base, items=colour_items(images), workdir=workdir, hooks=hooks, device=CPU
+    )
     return base, result
 
 
@@ -112,7 +117,7 @@ def generate(pipe: Any, prompt: str = f"a photo of a {TOKEN}", steps: int = 3) -
         return pipe(prompt, num_inference_steps=steps, generator=generator, output_type="latent").images
 
 
-def manifest_of(result: TrainResult) -> dict[str, Any]:
+def manifest_of(result: TrainedArtifact) -> dict[str, Any]:
     return json.loads((result.artifact_dir / "manifest.json").read_text())
 
 

@@ -126,8 +126,8 @@ def test_methods_that_ignore_conditioning_train_on_partly_conditioned_datasets(
     a LoRA job on it uses the images and captions and leaves the conditioning alone."""
     from dataclasses import dataclass
 
-    from core.methods.params import JobSpec
-    from core.training.loop import train
+    from core.jobs.artifact import train_artifact
+    from core.spec.job import JobSpec
     from core.training.progress import NullHooks
 
     @dataclass
@@ -147,5 +147,7 @@ def test_methods_that_ignore_conditioning_train_on_partly_conditioned_datasets(
         training={"max_steps": 1, "batch_size": 2},
     )
     base = load_tiny(tiny_cache)  # its own copy: training adds adapters to the base it gets
-    result = train(spec=spec, base=base, items=items, workdir=tmp_path, hooks=NullHooks(), device=CPU)
+    result = train_artifact(
+        spec=spec, base=base, items=items, workdir=tmp_path, hooks=NullHooks(), device=CPU
+    )
     assert result.steps == 1

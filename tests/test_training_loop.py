@@ -16,11 +16,11 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from core.config import Settings
-from core.methods.params import JobSpec
+from core.jobs.artifact import train_artifact
+from core.spec.job import JobSpec
 from core.training import checkpoint
 from core.training.buckets import BucketSampler, assign, bucket_sizes, nearest_bucket, place, resize_and_crop
 from core.training.caching import TrainingItem, build_training_data, time_ids_for
-from core.training.loop import train
 from core.training.objective import DiffusionObjective
 from core.training.progress import NullHooks, StopTraining
 
@@ -59,7 +59,7 @@ def tiny_cache(request: pytest.FixtureRequest) -> Path:
 
 
 def load_tiny(cache: Path, model_id: str = "tiny-sd"):
-    from core.base_loader import load_base
+    from core.bases.loader import load_base
 
     return load_base(model_id, settings=Settings(model_cache=cache), device="cpu")
 
@@ -229,7 +229,9 @@ def test_latents_and_embeddings_are_computed_once(tiny_cache: Path, tmp_path: Pa
         params={"method": "lora", "rank": 2},
         training={"max_steps": 6, "batch_size": 2, "random_flip": True},
     )
-    result = train(spec=spec, base=base, items=items, workdir=tmp_path, hooks=NullHooks(), device=CPU)
+    result = train_artifact(
+        spec=spec, base=base, items=items, workdir=tmp_path, hooks=NullHooks(), device=CPU
+    )
     assert result.steps == 6
     assert sum(encodes) == 2 * len(items)  # each image once per flip, never again per step
     assert len(text_calls) == 1  # three distinct captions, one batch
@@ -305,7 +307,7 @@ def test_resumed_run_ends_identical_to_an_uninterrupted_one(tiny_cache: Path, tm
         },
     )
     items = items_for_loop()
-    full = train(
+    full = train_artifact(
         spec=spec,
         base=load_tiny(tiny_cache),
         items=items,
@@ -316,7 +318,7 @@ def test_resumed_run_ends_identical_to_an_uninterrupted_one(tiny_cache: Path, tm
 
     stopper = StopAfterCheckpoint(tmp_path / "kept")
     with pytest.raises(StopTraining):
-        train(
+        train_artifact(
             spec=spec,
             base=load_tiny(tiny_cache),
             items=items,
@@ -327,7 +329,7 @@ def test_resumed_run_ends_identical_to_an_uninterrupted_one(tiny_cache: Path, tm
     assert stopper.saved is not None and stopper.saved[0] == 2
     assert checkpoint.read_step(stopper.saved[1]) == 2
 
-    resumed = train(
+    resumed = train_artifact(
         spec=spec,
         base=load_tiny(tiny_cache),
         items=items,
@@ -397,7 +399,7 @@ def test_hooks_get_throttled_progress_checkpoints_and_samples(tiny_cache: Path, 
         },
     )
     hooks = Recorder()
-    result = train(
+    result = train_artifact(
         spec=spec,
         base=load_tiny(tiny_cache),
         items=items_for_loop(),
@@ -429,7 +431,7 @@ def test_gradient_checkpointing_trains_the_same_weights(tiny_cache: Path, tmp_pa
             params={"method": "lora", "rank": 2, "train_text_encoder": True},
             training={"max_steps": 2, "learning_rate": 1e-2, "gradient_checkpointing": checkpointing},
         )
-        result = train(
+        result = train_artifact(
             spec=spec,
             base=load_tiny(tiny_cache),
             items=items_for_loop(),
@@ -456,7 +458,7 @@ def test_each_optimizer_trains_the_adapter(tiny_cache: Path, tmp_path: Path, nam
         params={"method": "lora", "rank": 2},
         training={"max_steps": 2, "batch_size": 2, "learning_rate": 1e-2, "optimizer": name},
     )
-    result = train(
+    result = train_artifact(
         spec=spec, base=base, items=items_for_loop(), workdir=tmp_path, hooks=NullHooks(), device=CPU
     )
     assert math.isfinite(result.final_loss)
@@ -469,7 +471,7 @@ def test_each_optimizer_trains_the_adapter(tiny_cache: Path, tmp_path: Path, nam
 
 
 def test_8bit_adamw_needs_cuda_and_bitsandbytes(tiny_cache: Path, tmp_path: Path) -> None:
-    from core.methods.base import MethodInputError
+    from core.errors import MethodInputError
 
     spec = JobSpec(
         base_model="tiny-sd",
@@ -478,7 +480,7 @@ def test_8bit_adamw_needs_cuda_and_bitsandbytes(tiny_cache: Path, tmp_path: Path
         training={"max_steps": 1, "optimizer": "adamw_8bit"},
     )
     with pytest.raises(MethodInputError) as raised:
-        train(
+        train_artifact(
             spec=spec,
             base=load_tiny(tiny_cache),
             items=items_for_loop(),

@@ -32,20 +32,23 @@ from sqlalchemy import select, update
 
 import worker.app
 import worker.tasks
-from core import jobs, url_guard, webhook_delivery, webhooks
 from core.config import Settings, get_settings, reset_settings
 from core.db import new_session, session_scope
+from core.jobs import states as jobs
 from core.models import Job, JobStatus, WebhookDelivery
 from core.timeutil import utcnow
-from core.url_guard import UrlNotAllowed, check_url
-from core.webhooks import WebhookTarget
+from core.webhooks import delivery as webhook_delivery
+from core.webhooks import events as webhooks
+from core.webhooks import url_guard
+from core.webhooks.events import WebhookTarget
+from core.webhooks.url_guard import UrlNotAllowed, check_url
 from tests.db_fixtures import ApiTenant, insert_dataset, lora_spec, make_tenant
 
 # --- an independent Standard Webhooks verifier (standardwebhooks.com, "Verifying webhooks") ---------
 
 
 def verify(secret: str, headers: dict[str, str], body: bytes, *, now: int | None = None) -> bool:
-    """What a receiver runs: written from the specification, sharing no code with core.webhooks."""
+    """What a receiver runs: written from the specification, sharing no code with core.webhooks.events."""
     msg_id, timestamp = headers["webhook-id"], headers["webhook-timestamp"]
     if abs((now or int(time.time())) - int(timestamp)) > 300:
         return False

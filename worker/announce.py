@@ -1,4 +1,4 @@
-"""A training worker announces its device, so the API can plan jobs against it (core/workers.py).
+"""A training worker announces its device, so the API can plan jobs against it (core/jobs/workers.py).
 
 The worker's main process forks the pool children that train on CUDA and must never start CUDA
 itself (a CUDA context does not survive a fork), so the device is probed once in a separate
@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 from core.config import Settings
 from core.db import session_scope
-from core.workers import DeviceInfo, announce, retire
+from core.jobs.workers import DeviceInfo, announce, retire
 from worker.tasks import worker_id
 
 log = logging.getLogger(__name__)

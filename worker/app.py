@@ -11,6 +11,7 @@ from typing import Any
 from celery import Celery
 from celery.signals import setup_logging, worker_process_init
 
+from core import dispatch
 from core.config import Settings, get_settings
 from core.db import forget_engines
 from core.logs import configure_logging
@@ -119,3 +120,19 @@ def _configure_logging(loglevel: int | str | None = None, **_: object) -> None:
     # A receiver here keeps Celery from installing its own handlers: workers and beat log structured
     # lines like the API (ATELIER_LOG_FORMAT, json by default), at the --loglevel they were given.
     configure_logging(default_format="json", level=loglevel)
+
+
+class _CeleryDispatcher:
+    """core's doorbells (core/dispatch.py) rung through this module's senders, looked up at call time."""
+
+    def send_train(self, job_id: str) -> None:
+        send_train(job_id)
+
+    def send_generate(self, generation_id: str) -> None:
+        send_generate(generation_id)
+
+    def send_webhook(self, delivery_id: str, countdown: float | None = None) -> None:
+        send_webhook(delivery_id, countdown)
+
+
+dispatch.install(_CeleryDispatcher())

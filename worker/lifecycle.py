@@ -3,7 +3,7 @@ left behind, and with its running job handed back to resume from the newest chec
 
 Celery's warm shutdown waits for running tasks to finish, hours for a training job. Here, the first
 signal also reaches the pool processes: a training attempt stops at its next progress report (every
-two seconds or less) and hands its job back (core/job_runner.py). After `shutdown_grace_s`, or at a
+two seconds or less) and hands its job back (core/jobs/runner.py). After `shutdown_grace_s`, or at a
 second signal, the worker kills what is left, hands back the jobs those processes held, and exits
 even if Celery is still waiting (billiard can block for ever at exit on a pool whose child died).
 Every child also dies with its parent (PR_SET_PDEATHSIG), so a killed worker leaves nothing behind.
@@ -125,9 +125,9 @@ class WorkerShutdown:
     def _hand_back(self, pids: list[int]) -> None:
         """Jobs that killed or vanished pool processes still held go back to the queue now, not
         when the reaper finds their lease expired."""
-        from core import jobs
         from core.db import session_scope
-        from core.job_runner import hand_back
+        from core.jobs import states as jobs
+        from core.jobs.runner import hand_back
         from worker.tasks import worker_id
 
         try:
@@ -156,7 +156,7 @@ class PoolProcessSignal:
         self._idle: Any = None
 
     def __call__(self, signum: int, frame: object) -> None:
-        from core.job_runner import request_shutdown
+        from core.jobs.hooks import request_shutdown
 
         if self.received:
             os._exit(EX_SOFTWARE)

@@ -12,11 +12,14 @@ import socket
 
 from celery import shared_task
 
-from core import deletion, generation_queue, jobs, webhook_delivery
+from core import deletion
 from core.config import Settings, get_settings
 from core.db import session_scope
+from core.generation import queue as generation_queue
+from core.jobs import states as jobs
 from core.logs import log_context
-from core.storage import make_storage
+from core.storage.factory import make_storage
+from core.webhooks import delivery as webhook_delivery
 from worker.app import (
     GENERATE_TASK,
     REAP_TASK,
@@ -38,7 +41,7 @@ def worker_id(pid: int | None = None) -> str:
 
 @shared_task(name=TRAIN_TASK, acks_late=True, reject_on_worker_lost=True)
 def train_job(job_id: str) -> str | None:
-    from core.job_runner import run_training_job
+    from core.jobs.runner import run_training_job
 
     settings = get_settings()
     return run_training_job(
@@ -48,7 +51,7 @@ def train_job(job_id: str) -> str | None:
 
 @shared_task(name=GENERATE_TASK, acks_late=True, reject_on_worker_lost=True)
 def generate(generation_id: str) -> str | None:
-    from core.inference import run_generation
+    from core.generation.inference import run_generation
 
     settings = get_settings()
     # Every record logged while generating carries the generation's id (as training's carry job_id).

@@ -13,10 +13,10 @@ from api.pagination import page
 from api.routes.files import stream_file
 from api.schemas import ArtifactPublic, ArtifactsPublic, DeletedPublic
 from core import deletion
-from core.artifacts import primary_files
 from core.errors import ApiError, not_found
 from core.exports.formats import PRIMARY, UnknownFormat, resolve_format
 from core.models import Artifact
+from core.storage.artifacts import primary_files
 
 router = APIRouter(prefix="/v1/artifacts", tags=["artifacts"])
 

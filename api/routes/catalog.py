@@ -5,8 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from api.deps import SettingsDep
-from core.base_models import list_base_models
-from core.methods.params import method_schemas
+from core.bases.allow_list import list_base_models
+from core.spec.job import method_schemas
 
 router = APIRouter(prefix="/v1", tags=["catalog"])
 

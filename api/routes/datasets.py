@@ -15,11 +15,11 @@ from api.pagination import page
 from api.routes.files import stream_file
 from api.schemas import DatasetPublic, DatasetsPublic, DeletedPublic
 from core import deletion
-from core.datasets import CONDITIONING_FOLDER, IMAGES_FOLDER, MANIFEST, DatasetRejected, ingest_upload
+from core.datasets.ingest import CONDITIONING_FOLDER, IMAGES_FOLDER, MANIFEST, DatasetRejected, ingest_upload
 from core.errors import ApiError, not_found
 from core.ids import new_id
-from core.limits import check_storage, tenant_limits
 from core.models import Dataset, DatasetStatus
+from core.tenants.limits import check_storage, tenant_limits
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 

@@ -7,7 +7,7 @@ from fastapi.responses import StreamingResponse
 
 from api.deps import StorageDep, TenantDep
 from core.errors import not_found
-from core.storage import ObjectNotFound
+from core.storage.base import ObjectNotFound
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 

@@ -13,14 +13,15 @@ from api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
 from api.files import file_url
 from api.routes.artifacts import get_owned_artifact
 from api.schemas import DeletedPublic, GenerationCreate, GenerationPublic
-from core import deletion, generation_queue
-from core.base_models import BaseDescription, BaseModelNotAllowed, describe_base
+from core import deletion
+from core.bases.allow_list import BaseDescription, BaseModelNotAllowed, describe_base
 from core.errors import ApiError, not_found
-from core.generation_images import FileProblem, decode_data_uri, image_exists, image_key, store_image
+from core.generation import queue as generation_queue
+from core.generation.images import FileProblem, decode_data_uri, image_exists, image_key, store_image
+from core.generation.params import ArtifactRef, is_data_uri
 from core.ids import new_id
-from core.inference_params import ArtifactRef, is_data_uri
 from core.models import Artifact, Generation, JobStatus
-from core.storage import Storage, StorageError
+from core.storage.base import Storage, StorageError
 from worker.app import send_generate
 
 log = logging.getLogger(__name__)

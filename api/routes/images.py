@@ -15,7 +15,7 @@ from api.files import file_url
 from api.schemas import DeletedPublic, InputImagePublic
 from core import deletion
 from core.errors import ApiError, not_found
-from core.generation_images import (
+from core.generation.images import (
     FileProblem,
     ImageNotFound,
     image_exists,

@@ -28,16 +28,19 @@ from api.schemas import (
     JobPublic,
     JobsPublic,
 )
-from core import deletion, jobs, url_guard
-from core.base_models import BaseModelNotAllowed, get_base_model_info
+from core import deletion
+from core.bases.allow_list import BaseModelNotAllowed, get_base_model_info
 from core.db import new_session
 from core.errors import ApiError, not_found
-from core.fitting import JobFit, plan_job
-from core.generation_images import image_exists
-from core.init_from import check_compatible
-from core.limits import check_queued, check_storage, lock_tenant, tenant_limits
-from core.methods.params import METHOD_INFO, JobSpec, LoraParams
+from core.generation.images import image_exists
+from core.jobs import states as jobs
+from core.jobs.fitting import JobFit, plan_job
+from core.methods.init_from import check_compatible
 from core.models import DatasetStatus, Job, JobEvent, JobStatus
+from core.spec.job import JobSpec
+from core.spec.methods import METHOD_INFO, LoraParams
+from core.tenants.limits import check_queued, check_storage, lock_tenant, tenant_limits
+from core.webhooks import url_guard
 from worker.app import send_train
 
 log = logging.getLogger(__name__)

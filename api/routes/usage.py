@@ -1,4 +1,4 @@
-"""GET /v1/usage: what the calling tenant uses against each of its limits (core/limits.py)."""
+"""GET /v1/usage: what the calling tenant uses against each of its limits (core/tenants/limits.py)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel
 
 from api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
-from core.limits import job_counts, storage_bytes, tenant_limits
-from core.rate_limit import WINDOW_S, limiter_for
+from core.tenants.limits import job_counts, storage_bytes, tenant_limits
+from core.tenants.rate_limit import WINDOW_S, limiter_for
 
 router = APIRouter(prefix="/v1/usage", tags=["usage"])
 

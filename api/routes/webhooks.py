@@ -11,9 +11,9 @@ from sqlalchemy import select
 from api.deps import SessionDep, SettingsDep, TenantDep
 from api.pagination import page
 from api.routes.jobs import get_owned_job
-from core import webhooks
 from core.models import WebhookDelivery, WebhookDeliveryStatus, WebhookSecret
 from core.timeutil import iso
+from core.webhooks import events as webhooks
 
 router = APIRouter(tags=["webhooks"])
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 
+from core.errors import MethodInputError
 from core.training.caching import Batch, CaptionedImage, TrainingItem, TrainingSet, encode_text
 from core.training.objective import DiffusionObjective
 
@@ -20,20 +21,11 @@ if TYPE_CHECKING:
     from PIL import Image
     from pydantic import BaseModel
 
-    from core.generation_context import ArtifactUse, GenerationContext
-    from core.methods.params import TrainingParams
+    from core.methods.context import ArtifactUse, GenerationContext
+    from core.spec.training import TrainingParams
     from core.training.progress import TrainingHooks
 
 SAMPLE_STEPS = 25
-
-
-class MethodInputError(ValueError):
-    """The job's inputs cannot work (a placeholder token already in the vocabulary, a dataset image
-    without its conditioning image): the job fails at once with `code`, no retry."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 class Trainable(torch.nn.Module):

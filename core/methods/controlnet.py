@@ -18,10 +18,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from PIL import Image
 
-from core.conditioning import canny
-from core.generation_context import ArtifactUse, ControlNetUse, GenerationContext
-from core.methods.base import SAMPLE_STEPS, MethodInputError, Trainable
-from core.methods.params import ControlNetParams, TrainingParams
+from core.datasets.conditioning import canny
+from core.errors import MethodInputError
+from core.methods.base import SAMPLE_STEPS, Trainable
+from core.methods.context import ArtifactUse, ControlNetUse, GenerationContext
+from core.spec.methods import ControlNetParams
+from core.spec.training import TrainingParams
 from core.training.caching import Batch, CaptionedImage, TrainingItem, TrainingSet
 
 if TYPE_CHECKING:

@@ -22,12 +22,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from core.methods.base import Trainable
-from core.methods.params import DreamBoothParams, TrainingParams
+from core.spec.methods import DreamBoothParams
+from core.spec.training import TrainingParams
 from core.training.caching import Batch, CaptionedImage, TrainingItem, TrainingSet
 from core.training.progress import phase_reporter
 
 if TYPE_CHECKING:
-    from core.generation_context import ArtifactUse, GenerationContext
+    from core.methods.context import ArtifactUse, GenerationContext
     from core.training.progress import TrainingHooks
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")

@@ -14,7 +14,7 @@ image flows through the predicted LoRA into the network. The LoRA is applied fun
 forward hooks on this UNet instance's projection layers, because every sample of a batch carries
 its own LoRA (peft layers hold one weight per adapter). The factors use peft's layout and scale
 (delta = alpha / rank * B A x), so a prediction is copied unchanged into an ordinary `lora` job's
-adapters (core/personalise.py).
+adapters (core/methods/personalise.py).
 """
 
 from __future__ import annotations
@@ -32,21 +32,22 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from core.methods.base import MethodInputError, Trainable
+from core.errors import MethodInputError
+from core.methods.base import Trainable
 from core.methods.ip_adapter import ENCODER_CONFIG, feature_extractor, load_image_encoder
 from core.methods.lora import unet_targets
-from core.methods.params import (
+from core.spec.methods import (
     HYPER_LORA_FEATURES,
     MIN_CONCEPTS,
     MIN_IMAGES_PER_CONCEPT,
     HyperLoraParams,
-    TrainingParams,
     concept_of,
 )
+from core.spec.training import TrainingParams
 from core.training.caching import Batch, CaptionedImage, TrainingItem, TrainingSet
 
 if TYPE_CHECKING:
-    from core.generation_context import ArtifactUse, GenerationContext
+    from core.methods.context import ArtifactUse, GenerationContext
     from core.training.progress import TrainingHooks
 
 WEIGHT_NAME = "hyper_lora.safetensors"

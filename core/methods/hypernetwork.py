@@ -26,8 +26,10 @@ from typing import Any, ClassVar
 import torch
 from safetensors.torch import load_file, save_file
 
-from core.methods.base import MethodInputError, Trainable
-from core.methods.params import HypernetworkParams, TrainingParams
+from core.errors import MethodInputError
+from core.methods.base import Trainable
+from core.spec.methods import HypernetworkParams
+from core.spec.training import TrainingParams
 
 WEIGHT_NAME = "hypernetwork.safetensors"
 CONFIG_NAME = "hypernetwork.json"

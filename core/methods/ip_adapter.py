@@ -25,12 +25,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
-from core.methods.base import SAMPLE_STEPS, MethodInputError, Trainable
-from core.methods.params import IPAdapterParams, TrainingParams
+from core.errors import MethodInputError
+from core.methods.base import SAMPLE_STEPS, Trainable
+from core.spec.methods import IPAdapterParams
+from core.spec.training import TrainingParams
 from core.training.caching import Batch, CaptionedImage, TrainingSet
 
 if TYPE_CHECKING:
-    from core.generation_context import ArtifactUse, GenerationContext
+    from core.methods.context import ArtifactUse, GenerationContext
     from core.training.progress import TrainingHooks
 
 WEIGHT_NAME = "ip_adapter.safetensors"

@@ -20,10 +20,11 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict
 
 from core.methods.base import Trainable
-from core.methods.params import LoraParams, TrainingParams
+from core.spec.methods import LoraParams
+from core.spec.training import TrainingParams
 
 if TYPE_CHECKING:
-    from core.generation_context import ArtifactUse, GenerationContext
+    from core.methods.context import ArtifactUse, GenerationContext
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 ADAPTER = "default"  # the adapter name peft's add_adapter uses while training

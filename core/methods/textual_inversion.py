@@ -17,12 +17,14 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from safetensors.torch import load_file, save_file
 
-from core.methods.base import MethodInputError, Trainable
-from core.methods.params import TextualInversionParams, TrainingParams
+from core.errors import MethodInputError
+from core.methods.base import Trainable
+from core.spec.methods import TextualInversionParams
+from core.spec.training import TrainingParams
 from core.training.caching import CaptionedImage, TrainingItem, TrainingSet
 
 if TYPE_CHECKING:
-    from core.generation_context import ArtifactUse, GenerationContext
+    from core.methods.context import ArtifactUse, GenerationContext
     from core.training.progress import TrainingHooks
 
 WEIGHT_NAME = "learned_embeds.safetensors"

@@ -28,7 +28,7 @@ DEVICE_CACHE_BYTES = 4 << 30
 
 
 class CaptionedImage(Protocol):
-    """A dataset item as the worker loads it (core.datasets.DatasetItem)."""
+    """A dataset item as the worker loads it (core.datasets.ingest.DatasetItem)."""
 
     image: Any  # PIL image
     caption: str | None

@@ -12,22 +12,18 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from core.artifacts import write_manifest
-from core.base_models import architecture_of_folder
-from core.exports import ExportContext, write_exports
-from core.methods import get_method
-from core.methods.base import Trainable
-from core.methods.params import JobSpec, TrainingParams
+from core.bases.allow_list import architecture_of_folder
+from core.spec.job import JobSpec
+from core.spec.training import TrainingParams
 from core.training import checkpoint
 from core.training import step as step_module
 from core.training.caching import (
@@ -51,6 +47,9 @@ from core.training.step import (
     repays,
 )
 
+if TYPE_CHECKING:  # methods build on the loop's pieces; the loop is handed a method
+    from core.methods.base import Method, Trainable
+
 log = logging.getLogger(__name__)
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
@@ -58,13 +57,13 @@ TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 @dataclass
 class TrainResult:
     artifact_dir: Path
-    files: list[str]  # the primary artifact files, then manifest.json
+    files: list[str]  # the primary artifact files, as the trainable saved them
     steps: int
     final_loss: float
     resumed_from_step: int | None
     images_per_s: float
+    images: int  # distinct training images, as cached
     loss_history: list[tuple[int, float]] = field(default_factory=list)
-    exports: dict[str, list[str]] = field(default_factory=dict)  # format -> files under exports/
     compile: dict[str, Any] = field(default_factory=dict)  # CompileStats.as_dict()
 
 
@@ -444,24 +443,77 @@ def _cache(
 
 def train(
     *,
+    method: Method,
     spec: JobSpec,
     base: Any,
     items: list[CaptionedImage],
     workdir: Path,
     hooks: TrainingHooks,
     device: torch.device,
-    name: str = "atelier",
     initial_state: dict[str, torch.Tensor] | None = None,
 ) -> TrainResult:
-    """Train `spec` on `items`; write the artifact (and its manifest, last) under workdir/artifact.
+    """Train `spec` with `method` on `items`; the trained files go under workdir/artifact.
 
-    `base` is best loaded in fp32: frozen weights are cast here to the training precision, trainable
-    ones kept in fp32. `StopTraining` raised by the hooks propagates to the caller. `name` is the
-    file stem of the exports (A1111 prompts refer to a LoRA by it). `initial_state` sets some
-    trainable tensors before the first step (a hyper_lora's predicted LoRA); a checkpoint still wins.
+    What was trained comes back; storing it (exports, manifest, upload) is the job layer's
+    (core/jobs/artifact.py). `base` is best loaded in fp32: frozen weights are cast here to the
+    training precision, trainable ones kept in fp32. `StopTraining` raised by the hooks propagates
+    to the caller. `initial_state` sets some trainable tensors before the first step (a hyper_lora's
+    predicted LoRA); a checkpoint still wins.
     """
+    run = _build_run(method, spec, base, items, workdir, hooks, device, initial_state)
+    stats = run.compile_stats
+    resumed = _resume(run)
+    start = min(resumed or 0, spec.training.max_steps)
+    _choose_compile(run, start)
+    hooks.phase("training", done=start, total=spec.training.max_steps)
+    try:
+        final_loss, rate, history = _loop(run, start)
+    finally:
+        if run.compiled is not None:
+            record_compile_cost(compile_cost_key(method.name, _architecture(run), device), stats)
+            # Dynamo's caches hold this job's modules (the whole base) and count against its
+            # per-function recompile limit: a long-lived worker must start each job clean. The
+            # compiled code itself stays in inductor's on-disk cache for the next job.
+            run.compiled = None
+            forget_compiled()
+    hooks.phase("exporting", done=0, total=1)
+    artifact_dir = workdir / "artifact"
+    files = run.trainable.save(artifact_dir)
+    return TrainResult(
+        artifact_dir=artifact_dir,
+        files=list(files),
+        steps=spec.training.max_steps,
+        final_loss=final_loss,
+        resumed_from_step=resumed,
+        images_per_s=rate,
+        images=run.data.image_count,
+        loss_history=history,
+        compile=stats.as_dict(),
+    )
+
+
+def _choose_compile(run: _Run, start: int) -> None:
+    stats, setting = run.compile_stats, run.training.compile
+    if run.device.type not in ("cpu", "cuda"):
+        stats.setting, stats.reason = "off", f"compiling is not supported on {run.device.type}"
+    elif setting == "on":
+        _enable_compile(run, start + 1, "training.compile is on")
+    elif setting == "off":
+        stats.reason = "training.compile is off"
+
+
+def _build_run(
+    method: Method,
+    spec: JobSpec,
+    base: Any,
+    items: list[CaptionedImage],
+    workdir: Path,
+    hooks: TrainingHooks,
+    device: torch.device,
+    initial_state: dict[str, torch.Tensor] | None,
+) -> _Run:
+    """The trainable on its base, its data cached, its optimizer: everything `_loop` steps."""
     training = spec.training
-    method = get_method(spec.params.method)
     precision = resolve_precision(training.mixed_precision, device)
     resolution = training.resolution or base.resolution
     torch.manual_seed(training.seed)  # adapter initialisation is part of the run's determinism
@@ -496,7 +548,7 @@ def train(
     optimizer, lr_scheduler = make_optimizer(trainable.trainable_parameters(), training, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.grad_scaler)
     stats = CompileStats(setting=training.compile)
-    run = _Run(
+    return _Run(
         spec,
         trainable,
         data,
@@ -509,65 +561,4 @@ def train(
         workdir,
         resolution,
         stats,
-    )
-    resumed = _resume(run)
-    start = min(resumed or 0, training.max_steps)
-    if device.type not in ("cpu", "cuda"):
-        stats.setting, stats.reason = "off", f"compiling is not supported on {device.type}"
-    elif training.compile == "on":
-        _enable_compile(run, start + 1, "training.compile is on")
-    elif training.compile == "off":
-        stats.reason = "training.compile is off"
-    hooks.phase("training", done=start, total=training.max_steps)
-    try:
-        final_loss, rate, history = _loop(run, start)
-    finally:
-        if run.compiled is not None:
-            record_compile_cost(compile_cost_key(method.name, _architecture(run), device), stats)
-            # Dynamo's caches hold this job's modules (the whole base) and count against its
-            # per-function recompile limit: a long-lived worker must start each job clean. The
-            # compiled code itself stays in inductor's on-disk cache for the next job.
-            run.compiled = None
-            forget_compiled()
-    hooks.phase("exporting", done=0, total=1)
-    artifact_dir = workdir / "artifact"
-    files = trainable.save(artifact_dir)
-    exports, export_errors = write_exports(
-        method.name,
-        artifact_dir,
-        ExportContext(base.path, spec.base_model, base.family, spec.params, training, name),
-    )
-    write_manifest(
-        artifact_dir,
-        method=method.name,
-        base_model=spec.base_model,
-        base_family=base.family,
-        base_architecture=architecture_of_folder(Path(base.path)),
-        params=spec.params.model_dump(mode="json"),
-        training=training.model_dump(mode="json"),
-        metrics={
-            "steps": training.max_steps,
-            "final_loss": final_loss if math.isfinite(final_loss) else None,
-            "images_per_s": rate,
-            "resumed_from_step": resumed,
-            "images": data.image_count,
-            # (step, loss) at each report point since this attempt started: the loss curve.
-            "loss_history": [[step, loss] for step, loss in history],
-            "compile": stats.as_dict(),
-        },
-        artifact_format=method.artifact_format,
-        exports=exports,
-        export_errors=export_errors,
-    )
-    hooks.phase("exporting", done=1, total=1)
-    return TrainResult(
-        artifact_dir,
-        [*files, "manifest.json"],
-        training.max_steps,
-        final_loss,
-        resumed,
-        rate,
-        history,
-        exports,
-        stats.as_dict(),
     )

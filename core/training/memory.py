@@ -31,8 +31,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from core.architectures import CLIP_TOKENS, Architecture
-from core.methods.params import HYPER_LORA_FEATURES, JobSpec, TrainingParams
+from core.bases.architectures import CLIP_TOKENS, Architecture
+from core.spec.job import JobSpec
+from core.spec.methods import HYPER_LORA_FEATURES
+from core.spec.training import TrainingParams
 
 GIB = 1024**3
 # Images the VAE encodes at once while caching, scaled so each chunk holds about two 512 px images
@@ -475,7 +477,7 @@ def _precision(training: TrainingParams, device: str) -> tuple[int, bool]:
         return (4, False)
     # A CPU worker runs bf16 only where the CPU has it natively (resolve_precision says why). CPU
     # workers are local runs, where the planner's host is the worker's: its CPU stands for theirs.
-    from core.devices import cpu_has_native_bf16
+    from core.cpu_features import cpu_has_native_bf16
 
     return (2, True) if cpu_has_native_bf16() else (4, False)
 

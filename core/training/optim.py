@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
-from core import devices
-from core.methods.base import MethodInputError
-from core.methods.params import TrainingParams
+from core import cpu_features
+from core.errors import MethodInputError
+from core.spec.training import TrainingParams
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def resolve_precision(mode: str, device: torch.device) -> Precision:
         # CPU autocast runs bf16 where the CPU has it natively (oneDNN on AVX-512/AMX); on an AVX2
         # host torch emulates it at 1/100-1/250 of fp32's speed, so fp32 it is. fp16 has no CPU
         # path worth having. "auto" stays fp32 on the CPU: exact, and what the tiny bases' tests expect.
-        if mode == "bf16" and devices.cpu_has_native_bf16():
+        if mode == "bf16" and cpu_features.cpu_has_native_bf16():
             return Precision(torch.bfloat16, torch.bfloat16)
         if mode == "bf16":
             log.warning("mixed precision bf16: this CPU has no native bf16 (emulated: >100x slower); fp32")

@@ -5,7 +5,7 @@ The worker's hooks renew the lease, record progress and checkpoints (fenced by `
 `NullHooks` or `ConsoleHooks`. The loop calls `.item()` on the loss only when `should_report` says so,
 so a hooks object that reports rarely keeps the GPU free of host syncs.
 
-A job goes through phases (core.phases, in order; a job skips those it does not need): each reports
+A job goes through phases (core.training.phases, in order; a job skips those it does not need): each reports
 `done`/`total` in its own units (pre-training steps, images, optimizer steps, files) through
 `hooks.phase`, as often as it likes: the hooks bound how often that reaches anyone.
 """
@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 from tqdm import tqdm
 
-from core.phases import Phase
+from core.training.phases import Phase
 
 
 class StopTraining(Exception):

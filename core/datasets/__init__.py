@@ -1,0 +1,3 @@
+"""Datasets: reading uploaded archives safely, normalising images, validation reports, and computed
+conditioning images.
+"""

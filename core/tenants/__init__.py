@@ -1,0 +1,1 @@
+"""Tenants: API keys, per-tenant limits and the request rate limit."""
