@@ -17,6 +17,7 @@ from httpx import Response
 
 from core.config import Settings
 from core.db import session_scope
+from core.jobs import creation
 from core.jobs import states as jobs
 from core.models import DatasetStatus, Job, JobStatus
 from core.storage.factory import make_storage
@@ -427,7 +428,7 @@ def test_unexpected_errors_are_problems_that_leak_nothing(
     def explode(**_: Any) -> None:
         raise RuntimeError("password=hunter2 at db-internal:5432")
 
-    monkeypatch.setattr(jobs, "create_job", explode)
+    monkeypatch.setattr(creation, "create_job", explode)
     client = TestClient(api_client.app, raise_server_exceptions=False)
     response = client.post("/v1/jobs", json=job_body(acme.dataset_id), headers=acme.headers)
     assert_problem(response, 500, "internal_error")

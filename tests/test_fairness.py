@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from core.config import Settings
 from core.db import new_session, session_scope
-from core.jobs import scheduling
+from core.jobs import creation, scheduling
 from core.jobs import states as jobs
 from core.models import Job, JobStatus
 from core.tenants.limits import set_overrides
@@ -29,7 +29,7 @@ def settings(tmp_path: Path) -> Settings:
 def submit(session: Session, tenant_id: str, count: int) -> list[str]:
     dataset_id = insert_dataset(session, tenant_id)
     return [
-        jobs.create_job(
+        creation.create_job(
             session=session,
             tenant_id=tenant_id,
             spec=lora_spec(dataset_id),

@@ -20,8 +20,10 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from core.db import MIGRATIONS_DIR, get_engine, new_session, session_scope, upgrade
+from core.jobs import creation
 from core.jobs import states as jobs
-from core.jobs.states import ArtifactRecord, IdempotencyConflict, LeaseLost
+from core.jobs.creation import IdempotencyConflict
+from core.jobs.states import ArtifactRecord, LeaseLost
 from core.models import Artifact, Base, Job, JobEvent, JobStatus
 from core.timeutil import utcnow
 from tests.db_fixtures import insert_dataset, lora_spec, make_tenant
@@ -68,7 +70,7 @@ def new_job(url: str, *, max_attempts: int = 3) -> Machine:
     with session_scope(url) as session:
         tenant_id = make_tenant(session)
         spec = lora_spec(insert_dataset(session, tenant_id))
-        job, created = jobs.create_job(
+        job, created = creation.create_job(
             session=session, tenant_id=tenant_id, spec=spec, idempotency_key=None, max_attempts=max_attempts
         )
         assert created
@@ -410,7 +412,7 @@ def test_idempotent_create(db_session: Session) -> None:
     dataset_id = insert_dataset(db_session, tenant_id)
 
     def create(spec: Any, key: str | None, tenant: str = tenant_id) -> tuple[Job, bool]:
-        return jobs.create_job(
+        return creation.create_job(
             session=db_session, tenant_id=tenant, spec=spec, idempotency_key=key, max_attempts=3
         )
 

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 from core.config import Settings, get_settings, reset_settings
 from core.db import new_session, session_scope
 from core.errors import ApiError
+from core.jobs import creation
 from core.jobs import states as jobs
 from core.models import Job, JobStatus
 from core.storage.factory import make_storage
@@ -121,7 +122,7 @@ def test_concurrent_creates_cannot_overshoot_the_queued_limit(db_session: Sessio
             barrier.wait()
             lock_tenant(session, tenant_id)
             check_queued(session=session, limits=limits, tenant_id=tenant_id)
-            jobs.create_job(
+            creation.create_job(
                 session=session,
                 tenant_id=tenant_id,
                 spec=lora_spec(dataset_id),

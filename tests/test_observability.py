@@ -34,6 +34,7 @@ from api.openapi_examples import GENERATION_EXAMPLES, JOB_EXAMPLES
 from core.config import Settings
 from core.db import session_scope
 from core.generation.params import GenerationSpec
+from core.jobs import creation
 from core.jobs import runner as job_runner
 from core.jobs import states as jobs
 from core.logs import configure_logging, log_context
@@ -80,7 +81,7 @@ def _job(session: Any, tenant: str, dataset: str, method: str, batch_size: int =
     spec = lora_spec(dataset).model_copy(
         update={"training": TrainingParams(max_steps=10, batch_size=batch_size)}
     )
-    job, _ = jobs.create_job(
+    job, _ = creation.create_job(
         session=session, tenant_id=tenant, spec=spec, idempotency_key=None, max_attempts=3
     )
     # The spec stays a LoRA one; the metrics read the method column, which is all this test varies.
@@ -352,7 +353,7 @@ def test_a_training_attempt_logs_its_job_id_and_attempt_also_from_the_heartbeat(
     upgrade(url)
     with session_scope(url) as session:
         tenant = make_tenant(session)
-        job, _ = jobs.create_job(
+        job, _ = creation.create_job(
             session=session,
             tenant_id=tenant,
             spec=lora_spec(insert_dataset(session, tenant)),

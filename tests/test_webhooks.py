@@ -34,6 +34,7 @@ import worker.app
 import worker.tasks
 from core.config import Settings, get_settings, reset_settings
 from core.db import new_session, session_scope
+from core.jobs import creation
 from core.jobs import states as jobs
 from core.models import Job, JobStatus, WebhookDelivery
 from core.timeutil import utcnow
@@ -336,7 +337,7 @@ def new_job(settings: Settings, url: str | None, events: list[str] | None = None
     """A queued job with a webhook; returns (tenant id, job id)."""
     with session_scope(settings.database_url) as session:
         tenant_id = make_tenant(session)
-        job, _ = jobs.create_job(
+        job, _ = creation.create_job(
             session=session,
             tenant_id=tenant_id,
             spec=lora_spec(insert_dataset(session, tenant_id)),

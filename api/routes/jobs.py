@@ -33,6 +33,7 @@ from core.bases.allow_list import BaseModelNotAllowed, get_base_model_info
 from core.db import new_session
 from core.errors import ApiError, not_found
 from core.generation.images import image_exists
+from core.jobs import creation
 from core.jobs import states as jobs
 from core.jobs.fitting import JobFit, plan_job
 from core.methods.init_from import check_compatible
@@ -188,7 +189,7 @@ def create_job(
     try:
         # A retried create answers with the job it made, even if its inputs changed since.
         if idempotency_key:
-            replay = jobs.find_replay(
+            replay = creation.find_replay(
                 session=session,
                 tenant_id=tenant_id,
                 spec=spec,
@@ -201,7 +202,7 @@ def create_job(
         _check_webhook(settings, body)
         fit = _fit(session, settings, spec)
         _check_limits(session, settings, storage, tenant_id)
-        job, created = jobs.create_job(
+        job, created = creation.create_job(
             session=session,
             tenant_id=tenant_id,
             spec=spec,
@@ -211,7 +212,7 @@ def create_job(
             fitted=fit.spec,
             memory=fit.memory,
         )
-    except jobs.IdempotencyConflict as exc:
+    except creation.IdempotencyConflict as exc:
         raise ApiError(422, "idempotency_key_reused", str(exc)) from exc
     if not created:
         return _replayed(response, job)
