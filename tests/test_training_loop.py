@@ -20,7 +20,8 @@ from core.jobs.artifact import train_artifact
 from core.spec.job import JobSpec
 from core.training import checkpoint
 from core.training.buckets import BucketSampler, assign, bucket_sizes, nearest_bucket, place, resize_and_crop
-from core.training.caching import TrainingItem, build_training_data, time_ids_for
+from core.training.caching import TrainingItem, build_training_data
+from core.training.latents import time_ids_for
 from core.training.objective import DiffusionObjective
 from core.training.progress import NullHooks, StopTraining
 
