@@ -41,7 +41,7 @@ from sqlalchemy.orm import Session
 
 from core.db import new_session
 from core.models import Artifact, Dataset, DatasetStatus, Generation, Job, JobStatus
-from core.spec.methods import METHOD_INFO
+from core.spec.catalogue import CATALOGUE
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def _seconds_between(session: Session, start: Any, end: Any) -> ColumnElement[fl
 
 
 def _job_counts(session: Session) -> Metric:
-    counts: dict[tuple[str, ...], float] = {(m, str(s)): 0 for m in METHOD_INFO for s in JobStatus}
+    counts: dict[tuple[str, ...], float] = {(m, str(s)): 0 for m in CATALOGUE for s in JobStatus}
     rows = session.execute(select(Job.method, Job.status, func.count()).group_by(Job.method, Job.status))
     for method, status, count in rows:
         counts[(method, status)] = count
@@ -86,7 +86,7 @@ def _job_counts(session: Session) -> Metric:
 
 
 def _training_rates(session: Session) -> Iterator[Metric]:
-    images: dict[tuple[str, ...], float] = {(m,): 0.0 for m in METHOD_INFO}
+    images: dict[tuple[str, ...], float] = {(m,): 0.0 for m in CATALOGUE}
     steps = dict(images)
     rows = session.execute(
         select(Job.method, Job.images_per_s, Job.spec).where(
@@ -160,7 +160,7 @@ def database_metrics(session: Session) -> Iterator[Metric]:
         "atelier_artifacts",
         "Trained artifacts by method",
         ("method",),
-        _grouped(session, Artifact.method, METHOD_INFO),
+        _grouped(session, Artifact.method, CATALOGUE),
     )
     yield _gauge(
         "atelier_generations",

@@ -21,6 +21,7 @@ from core.generation.images import FileProblem, decode_data_uri, image_exists, i
 from core.generation.params import ArtifactRef, is_data_uri
 from core.ids import new_id
 from core.models import Artifact, Generation, JobStatus
+from core.spec.catalogue import GENERATION_USES
 from core.storage.base import Storage, StorageError
 from worker.app import send_generate
 
@@ -124,7 +125,7 @@ def _check(
         _check_artifact(session, settings, tenant_id, base, use)
     decoded = {}
     for use in uses:
-        if use.method in ("controlnet", "ip_adapter"):
+        if GENERATION_USES[use.method].image:
             image = _check_image(settings, storage, tenant_id, use)
             if image is not None:
                 decoded[use.pointer] = image

@@ -38,8 +38,9 @@ from core.jobs import states as jobs
 from core.jobs.fitting import JobFit, plan_job
 from core.methods.init_from import check_compatible
 from core.models import DatasetStatus, Job, JobEvent, JobStatus
+from core.spec.catalogue import CATALOGUE
 from core.spec.job import JobSpec
-from core.spec.methods import METHOD_INFO, LoraParams
+from core.spec.methods import LoraParams
 from core.tenants.limits import check_queued, check_storage, lock_tenant, tenant_limits
 from core.webhooks import url_guard
 from worker.app import send_train
@@ -87,7 +88,7 @@ def _check_inputs(
     if dataset.status != DatasetStatus.ready:
         raise ApiError(422, "dataset_not_ready", f"dataset {dataset.id} is {dataset.status}, not ready")
     method = body.params.method
-    info = METHOD_INFO[method]
+    info = CATALOGUE[method]
     if dataset.image_count < info.min_images:
         # The kind names what counts: "dreambooth needs at least 3 instance images".
         kind = info.dataset_kind.replace("_", " ")

@@ -1,5 +1,6 @@
 """Exports: the trained weights again, in the formats other tools load (kohya / A1111 / ComfyUI /
-single-file). `formats.py` (torch-free) says what each method offers; this module writes them.
+single-file). Each method's catalogue entry (core/spec/catalogue.py) says what it offers and which
+function here writes each format; this module runs them.
 
 Exporters read the trained weights from the finished artifact folder (never from live training
 modules, which may be cast to bf16 or wrapped) and untrained parts from the base's folder on disk.
@@ -18,19 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from core.exports.formats import FORMATS
+from core.spec.catalogue import CATALOGUE
 
 log = logging.getLogger(__name__)
 
 EXPORTS_DIR = "exports"
-
-_EXPORTERS: dict[tuple[str, str], tuple[str, str]] = {
-    ("lora", "kohya"): ("core.exports.lora", "export_kohya"),
-    ("textual_inversion", "a1111"): ("core.exports.textual_inversion", "export_a1111"),
-    ("hypernetwork", "a1111"): ("core.exports.hypernetwork", "export_a1111"),
-    ("controlnet", "single_file"): ("core.exports.controlnet", "export_single_file"),
-    ("dreambooth", "single_file"): ("core.exports.dreambooth", "export_single_file"),
-    ("ip_adapter", "bin"): ("core.exports.ip_adapter", "export_bin"),
-}
 
 
 @dataclass(frozen=True)
@@ -45,7 +38,8 @@ class ExportContext:
 
 
 def exporter(method: str, format: str) -> Any:
-    module, function = _EXPORTERS[(method, format)]
+    """The function writing `format` for `method`, named by the method's catalogue entry."""
+    module, function = CATALOGUE[method].export(format).exporter.split(":")
     return getattr(importlib.import_module(module), function)
 
 
@@ -58,7 +52,7 @@ def write_exports(
     """
     written: dict[str, list[str]] = {}
     failed: dict[str, str] = {}
-    for format in FORMATS.get(method, {}):
+    for format in FORMATS[method]:
         out_dir = artifact_dir / EXPORTS_DIR / format
         try:
             names = exporter(method, format)(artifact_dir, out_dir, ctx)

@@ -1,4 +1,5 @@
-"""Which export formats each method offers (torch-free: the API validates `?format=` with it).
+"""Which export formats each method offers (torch-free: the API validates `?format=` with it), as
+core/spec/catalogue.py states them.
 
 Exports are written by the worker when the artifact is made, under `exports/<format>/` beside the
 primary (diffusers) files, hashed in the manifest like every other file, and listed in the
@@ -7,28 +8,22 @@ manifest's `exports: {format: [file names]}`. Aliases name the tool a user has i
 
 from __future__ import annotations
 
+from core.spec.catalogue import CATALOGUE
+
 PRIMARY = "diffusers"
 
-# method -> format -> what a user gets
+# method -> format -> what a user gets (core.spec.catalogue states each method's formats)
 FORMATS: dict[str, dict[str, str]] = {
-    "lora": {
-        "kohya": "kohya/A1111/ComfyUI LoRA .safetensors (lora_unet_*, lora_te*_*, alpha, ss_* metadata)"
-    },
-    "textual_inversion": {"a1111": "A1111/ComfyUI embedding .safetensors (emb_params, or clip_l + clip_g)"},
-    "hypernetwork": {"a1111": "A1111 hypernetwork .pt (plain types only: torch.load(weights_only=True))"},
-    "controlnet": {"single_file": "one ControlNet .safetensors for ComfyUI/Forge/A1111 models folders"},
-    "dreambooth": {"single_file": "single-file checkpoint in the original Stable Diffusion key layout"},
-    "ip_adapter": {"bin": "IP-Adapter .bin {'image_proj': ..., 'ip_adapter': ...}"},
+    name: {offered.name: offered.description for offered in entry.exports}
+    for name, entry in CATALOGUE.items()
 }
-
+# method -> the name a user may ask for -> the format it means
 ALIASES: dict[str, dict[str, str]] = {
-    "lora": {"a1111": "kohya", "comfyui": "kohya"},
-    "textual_inversion": {"kohya": "a1111", "comfyui": "a1111"},
-    "hypernetwork": {"comfyui": "a1111"},
-    "controlnet": {"a1111": "single_file", "comfyui": "single_file"},
-    "dreambooth": {"a1111": "single_file", "comfyui": "single_file"},
-    # The primary ip_adapter.safetensors is already what ComfyUI and diffusers load.
-    "ip_adapter": {"safetensors": PRIMARY, "comfyui": PRIMARY},
+    name: {
+        **dict.fromkeys(entry.primary_aliases, PRIMARY),
+        **{alias: offered.name for offered in entry.exports for alias in offered.aliases},
+    }
+    for name, entry in CATALOGUE.items()
 }
 
 

@@ -27,6 +27,7 @@ from core.config import Settings
 from core.db import session_scope
 from core.generation.params import GenerationSpec
 from core.models import Artifact, Generation, JobStatus
+from core.spec.catalogue import GENERATION_USES
 from core.storage.artifacts import (
     ArtifactError,
     content_key,
@@ -170,7 +171,7 @@ def generate_images(
         )
         for index, use in enumerate(uses)
     ]
-    wants_encoder = any(use.artifact.method == "ip_adapter" for use in uses)
+    wants_encoder = any(GENERATION_USES[use.artifact.method].image_encoder for use in uses)
     encoder = image_encoder(cached, settings) if wants_encoder else None
     # One generator per image, so image i does not depend on how many came before it.
     generators = [torch.Generator("cpu").manual_seed(seed) for seed in image_seeds(spec)]

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, Field, field_validator
 
 from core.spec.base import StrictModel
-from core.spec.methods import MethodName
+from core.spec.catalogue import GENERATION_USES, MethodName
 
 # The samplers a request may pick, each made from the base scheduler's own config (betas, prediction
 # type, spacing) by core.methods.context.make_scheduler.
@@ -140,35 +140,34 @@ class GenerationSpec(StrictModel):
             raise ValueError("the same artifact is listed twice")
         return value
 
+    def _refs(self, field: str) -> list[tuple[str, Any]]:
+        """(JSON pointer, ref) of each artifact in request field `field`: one object or a list."""
+        value = getattr(self, field)
+        if isinstance(value, list):
+            return [(f"/{field}/{i}", ref) for i, ref in enumerate(value)]
+        return [] if value is None else [(f"/{field}", value)]
+
     def uses(self) -> list[ArtifactRef]:
-        """Every artifact use, in the order the worker applies them (generation_context.APPLY_ORDER;
+        """Every artifact use, in the order the worker applies them (core.spec.catalogue.APPLY_ORDER;
         list fields in request order)."""
         out: list[ArtifactRef] = []
-        if self.dreambooth is not None:
-            out.append(ArtifactRef("dreambooth", self.dreambooth.artifact_id, 1.0, None, "/dreambooth"))
-        for i, ti in enumerate(self.textual_inversions):
-            out.append(
-                ArtifactRef("textual_inversion", ti.artifact_id, 1.0, None, f"/textual_inversions/{i}")
-            )
-        for i, lora in enumerate(self.loras):
-            out.append(ArtifactRef("lora", lora.artifact_id, lora.scale, None, f"/loras/{i}"))
-        if self.ip_adapter is not None:
-            ip = self.ip_adapter
-            out.append(ArtifactRef("ip_adapter", ip.artifact_id, ip.scale, ip.image, "/ip_adapter"))
-        if self.hypernetwork is not None:
-            hn = self.hypernetwork
-            out.append(ArtifactRef("hypernetwork", hn.artifact_id, hn.strength, None, "/hypernetwork"))
-        for i, cn in enumerate(self.controlnet):
-            out.append(ArtifactRef("controlnet", cn.artifact_id, cn.scale, cn.image, f"/controlnet/{i}"))
+        for method, use in GENERATION_USES.items():
+            for pointer, ref in self._refs(use.field):
+                scale = getattr(ref, use.weight) if use.weight else 1.0
+                image = ref.image if use.image else None
+                out.append(ArtifactRef(method, ref.artifact_id, scale, image, pointer))
         return out
 
     def with_images(self, stored: dict[str, str]) -> GenerationSpec:
         """A copy whose images are replaced by `stored[pointer]` (pointer: "/controlnet/0")."""
-        controlnet = [
-            cn.model_copy(update={"image": stored.get(f"/controlnet/{i}", cn.image)})
-            for i, cn in enumerate(self.controlnet)
-        ]
-        ip_adapter = self.ip_adapter
-        if ip_adapter is not None:
-            ip_adapter = ip_adapter.model_copy(update={"image": stored.get("/ip_adapter", ip_adapter.image)})
-        return self.model_copy(update={"controlnet": controlnet, "ip_adapter": ip_adapter})
+        update: dict[str, Any] = {}
+        for use in GENERATION_USES.values():
+            if not use.image:
+                continue
+            refs = [
+                ref.model_copy(update={"image": stored.get(pointer, ref.image)})
+                for pointer, ref in self._refs(use.field)
+            ]
+            value = getattr(self, use.field)
+            update[use.field] = refs if isinstance(value, list) else (refs[0] if refs else None)
+        return self.model_copy(update=update)

@@ -1,6 +1,6 @@
-"""The closed registry of training methods.
+"""The closed registry of training methods: core.spec.catalogue names each method's class.
 
-Names map to (module, class) inside this package; nothing is imported from a user-given path, and a
+Nothing is imported from a user-given path (only the catalogue's own "module:Class" strings), and a
 method's torch-heavy module is imported only when the method is first used, so the API can list
 methods without the ML stack.
 """
@@ -11,32 +11,20 @@ import functools
 import importlib
 from typing import TYPE_CHECKING
 
+from core.spec.catalogue import CATALOGUE
+
 if TYPE_CHECKING:
     from core.methods.base import Method
-
-_REGISTRY: dict[str, tuple[str, str]] = {
-    "lora": ("core.methods.lora", "LoraMethod"),
-    "dreambooth": ("core.methods.dreambooth", "DreamBoothMethod"),
-    "textual_inversion": ("core.methods.textual_inversion", "TextualInversionMethod"),
-    "hypernetwork": ("core.methods.hypernetwork", "HypernetworkMethod"),
-    "controlnet": ("core.methods.controlnet", "ControlNetMethod"),
-    "ip_adapter": ("core.methods.ip_adapter", "IPAdapterMethod"),
-    "hyper_lora": ("core.methods.hyper_lora", "HyperLoraMethod"),
-}
 
 
 class UnknownMethod(KeyError):
     pass
 
 
-def method_names() -> list[str]:
-    return sorted(_REGISTRY)
-
-
 @functools.cache
 def get_method(name: str) -> Method:
-    try:
-        module_name, class_name = _REGISTRY[name]
-    except KeyError:
-        raise UnknownMethod(f"unknown method {name!r}; known: {', '.join(method_names())}") from None
+    entry = CATALOGUE.get(name)
+    if entry is None:
+        raise UnknownMethod(f"unknown method {name!r}; known: {', '.join(sorted(CATALOGUE))}")
+    module_name, class_name = entry.implementation.split(":")
     return getattr(importlib.import_module(module_name), class_name)()

@@ -3,10 +3,10 @@
 Base pipelines are cached per worker process, so every change an artifact makes (adapters, tokens,
 attention processors, a swapped UNet) must be undone after the request. Each `apply` pushes its own
 undo; `applied` runs them last-first, also when generation fails, so nothing leaks into the next
-request. Artifacts are applied in a fixed order (dreambooth, textual inversion, lora, ip_adapter,
-hypernetwork, controlnet) so that, for example, LoRA layers land on a DreamBooth UNet rather than on
-the base's. The worker's own changes go the same way: a request's scheduler (`use_scheduler`) and
-the cached CLIP image encoder it lends an IP-Adapter (`provide_image_encoder`).
+request. Artifacts are applied in the catalogue's fixed order (core.spec.catalogue.APPLY_ORDER, each
+entry says why it sits where it does) so that, for example, LoRA layers land on a DreamBooth UNet
+rather than on the base's. The worker's own changes go the same way: a request's scheduler
+(`use_scheduler`) and the cached CLIP image encoder it lends an IP-Adapter (`provide_image_encoder`).
 """
 
 from __future__ import annotations
@@ -18,11 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core.spec.catalogue import APPLY_ORDER
+
 log = logging.getLogger(__name__)
 
-# ip_adapter before hypernetwork: load_ip_adapter replaces every attention processor, while the
-# hypernetwork wraps whatever processor it finds (so it also transforms the text part of IP attention).
-APPLY_ORDER = ("dreambooth", "textual_inversion", "lora", "ip_adapter", "hypernetwork", "controlnet")
 # Request scheduler name -> (diffusers class, settings over the base scheduler's config).
 SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "ddim": ("DDIMScheduler", {}),

@@ -7,7 +7,7 @@ from typing import Annotated
 from pydantic import Field, model_validator
 
 from core.spec.base import StrictModel, field_error
-from core.spec.methods import METHOD_INFO, MethodParams
+from core.spec.catalogue import CATALOGUE, MethodParams
 from core.spec.training import TrainingParams
 
 
@@ -50,11 +50,11 @@ def method_schemas() -> dict[str, dict]:
     return {
         name: {
             "name": name,
-            "summary": info.summary,
-            "dataset_kind": info.dataset_kind,
-            "min_images": info.min_images,
-            "params": info.params.model_json_schema(),
+            "summary": entry.summary,
+            "dataset_kind": entry.dataset_kind,
+            "min_images": entry.min_images,
+            "params": entry.params.model_json_schema(),
             "training": TrainingParams.model_json_schema(),
         }
-        for name, info in METHOD_INFO.items()
+        for name, entry in CATALOGUE.items()
     }

@@ -1,20 +1,15 @@
-"""Each method's params (a discriminated union on `method`) and what the API knows of each method.
+"""Each method's params model (pydantic only: the API validates jobs with them).
 
-A method adds its params model here and its name to `MethodName`.
+A method adds its params model here; its entry in core/spec/catalogue.py puts it in the union.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from core.spec.base import TEXT_ENCODER_NAMES, TOKEN_PATTERN, MethodParamsBase
-
-MethodName = Literal[
-    "lora", "dreambooth", "textual_inversion", "hypernetwork", "controlnet", "ip_adapter", "hyper_lora"
-]
 
 
 class LoraParams(MethodParamsBase):
@@ -246,78 +241,3 @@ class HyperLoraParams(MethodParamsBase):
         if len(counts) < MIN_CONCEPTS:
             problems.append(f"{len(counts)} concept folder(s); at least {MIN_CONCEPTS} are needed")
         return problems
-
-
-MethodParams = Annotated[
-    LoraParams
-    | DreamBoothParams
-    | TextualInversionParams
-    | HypernetworkParams
-    | ControlNetParams
-    | IPAdapterParams
-    | HyperLoraParams,
-    Field(discriminator="method"),
-]
-
-
-@dataclass(frozen=True)
-class MethodInfo:
-    """What the API needs to know of a method without importing torch."""
-
-    name: str
-    params: type[MethodParamsBase]
-    dataset_kind: str
-    min_images: int
-    summary: str
-
-
-METHOD_INFO: dict[str, MethodInfo] = {
-    info.name: info
-    for info in (
-        MethodInfo(
-            "lora", LoraParams, "captioned_images", 1, "Low-rank adapters on the UNet (and text encoder)"
-        ),
-        MethodInfo(
-            "dreambooth",
-            DreamBoothParams,
-            "instance_images",
-            3,
-            "Full UNet fine-tune on a subject, with prior preservation from generated class images",
-        ),
-        MethodInfo(
-            "textual_inversion",
-            TextualInversionParams,
-            "images",
-            1,
-            "A new token's embedding, learnt from images and prompt templates",
-        ),
-        MethodInfo(
-            "hypernetwork",
-            HypernetworkParams,
-            "captioned_images",
-            1,
-            "AUTOMATIC1111-style MLPs on the cross-attention context",
-        ),
-        MethodInfo(
-            "controlnet",
-            ControlNetParams,
-            "conditioned_images",
-            1,
-            "A ControlNet: images, conditioning images (or computed edges) and captions",
-        ),
-        MethodInfo(
-            "ip_adapter",
-            IPAdapterParams,
-            "captioned_images",
-            1,
-            "An IP-Adapter: generation guided by a reference image",
-        ),
-        MethodInfo(
-            "hyper_lora",
-            HyperLoraParams,
-            "concept_images",
-            MIN_CONCEPTS * MIN_IMAGES_PER_CONCEPT,
-            "Predicts a LoRA from 1-5 reference images (lora jobs start from it via init_from)",
-        ),
-    )
-}
