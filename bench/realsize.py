@@ -163,7 +163,6 @@ def run_job(
 ) -> RealsizeRun:
     """Train `method` on the random `size` base for `steps` steps and report its memory."""
     from core.bases.loader import load_base
-    from core.jobs.artifact import train_artifact
     from core.training.optim import component_dtypes, resolve_precision
 
     device = device or torch.device("cpu")
@@ -183,6 +182,35 @@ def run_job(
         model_id, settings=settings, device=device, dtype=component_dtypes(spec.params, precision)
     )
     load_s = time.perf_counter() - started
+    measured = _train_measured(
+        spec=spec, base=base, method=method, resolution=resolution, workdir=workdir, device=device
+    )
+    predicted = estimate(spec, KNOWN[SIZES[size]], device=device.type, images=measured.images)
+    job = {"size": size, "method": method, "device": device.type, "resolution": resolution}
+    report = _report(job, spec, measured, predicted, batch_size=batch_size, steps=steps, load_s=load_s)
+    return RealsizeRun(spec, measured.result, base, report)
+
+
+@dataclass
+class _Measured:
+    """What one probed training run measured."""
+
+    result: Any  # core.training.loop.TrainResult
+    hooks: ProbeHooks
+    images: int
+    loaded_bytes: int
+    untracked_bytes: int
+    peak_job_bytes: int
+    live_forward_end_bytes: int | None
+    train_s: float
+
+
+def _train_measured(
+    *, spec: JobSpec, base: Any, method: str, resolution: int, workdir: Path, device: torch.device
+) -> _Measured:
+    """Train `spec` on `base` under the memory probe, as a worker would (save and exports included)."""
+    from core.jobs.artifact import train_artifact
+
     items = make_items(4, resolution, seed=0, conditioning=method == "controlnet")
     class_images = [item.image for item in make_items(CLASS_IMAGES, resolution, seed=1)]
     components = [base.unet, base.vae, base.text_encoder, base.text_encoder_2]
@@ -207,23 +235,44 @@ def run_job(
         finally:
             handle.remove()
         train_s = time.perf_counter() - started
-    predicted = estimate(spec, KNOWN[SIZES[size]], device=device.type, images=len(items))
-    report = {
-        "size": size,
-        "method": method,
-        "device": device.type,
-        "resolution": resolution,
+    return _Measured(
+        result=result,
+        hooks=hooks,
+        images=len(items),
+        loaded_bytes=loaded,
+        untracked_bytes=untracked,
+        peak_job_bytes=probe.overall,
+        # The last training step's forward end (step 1 has no optimizer state yet).
+        live_forward_end_bytes=forward_end[-1] if forward_end else None,
+        train_s=train_s,
+    )
+
+
+def _report(
+    job: dict[str, Any],
+    spec: JobSpec,
+    measured: _Measured,
+    predicted: Any,
+    *,
+    batch_size: int,
+    steps: int,
+    load_s: float,
+) -> dict[str, Any]:
+    """One calibration row: the job (`job`: size, method, device, resolution), what it measured and
+    what the planner predicted (`predicted`: core.training.memory.estimate's answer)."""
+    hooks, result = measured.hooks, measured.result
+    return {
+        **job,
         "batch_size": batch_size,
         "gradient_checkpointing": spec.training.gradient_checkpointing,
         "optimizer": spec.training.optimizer,
         "precision": spec.training.mixed_precision,
-        "weights_loaded_bytes": loaded,
-        "untracked_bytes": untracked,
+        "weights_loaded_bytes": measured.loaded_bytes,
+        "untracked_bytes": measured.untracked_bytes,
         "peak_setup_and_step_1_bytes": hooks.peaks.get("setup_and_step_1"),
         "peak_step_bytes": hooks.peaks.get("step_2"),
-        "peak_job_bytes": probe.overall,
-        # The last training step's forward end (step 1 has no optimizer state yet).
-        "live_forward_end_bytes": forward_end[-1] if forward_end else None,
+        "peak_job_bytes": measured.peak_job_bytes,
+        "live_forward_end_bytes": measured.live_forward_end_bytes,
         "predicted_peak_bytes": predicted.peak_bytes,
         "predicted_phase": predicted.phase,
         "final_loss": result.final_loss,
@@ -231,10 +280,9 @@ def run_job(
         "steady_images_per_s": hooks.steady_rate(steps, batch_size),
         "steps": steps,
         "load_s": round(load_s, 1),
-        "train_s": round(train_s, 1),
+        "train_s": round(measured.train_s, 1),
         "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
-    return RealsizeRun(spec, result, base, report)
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:

@@ -31,7 +31,8 @@ if __package__ in (None, ""):  # run as a script: make `bench` and `core` import
 
 import torch
 
-from bench.reference_loops import LOOPS, PRIOR_LOSS_WEIGHT, Settings, reference_rate
+from bench.reference_harness import Settings
+from bench.reference_loops import LOOPS, PRIOR_LOSS_WEIGHT, reference_rate
 from bench.sized_bases import SIZED_CACHE, SIZES, load_named_base, sized_base
 from bench.workload import (
     CLASS_PROMPT,
