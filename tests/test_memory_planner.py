@@ -1,6 +1,6 @@
-"""The memory planner (core/training/memory.py): exact parameter counts against diffusers' and
-transformers' own classes, the shape of its estimates, and `fit: "auto"`'s changes. Its activation
-constants are checked against measured real-size steps in tests/test_realsize.py."""
+"""The memory planner (core/training/memory.py): exact parameter counts (param_counts.py) against
+diffusers' and transformers' own classes, the shape of its estimates, and `fit: "auto"`'s changes. Its
+activation constants are checked against measured real-size steps in tests/test_realsize.py."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 
 from core.bases.architectures import KNOWN, Architecture
 from core.spec.job import JobSpec
-from core.training import memory
+from core.training import memory, param_counts
 
 GIB = 1024**3
 REAL = ("sd15", "sd21", "sdxl")
@@ -35,20 +35,20 @@ def test_parameter_counts_are_exact(name: str) -> None:
 
     arch = KNOWN[name]
     models = _models(arch)
-    assert memory.unet_params(arch.unet).total == _count(models["unet"])
-    assert memory.vae_params(arch.vae).total == _count(models["vae"])
+    assert param_counts.unet_params(arch.unet).total == _count(models["unet"])
+    assert param_counts.vae_params(arch.vae).total == _count(models["vae"])
     for i, config in enumerate(arch.text_encoders):
         encoder = models[("text_encoder", "text_encoder_2")[i]]
-        assert memory.text_encoder_params(config, projection=i == 1).total == _count(encoder)
-    assert memory.image_encoder_params(arch.image_encoder).total == _count(models["image_encoder"])
+        assert param_counts.text_encoder_params(config, projection=i == 1).total == _count(encoder)
+    assert param_counts.image_encoder_params(arch.image_encoder).total == _count(models["image_encoder"])
     embedding = [16, 32, 96, 256][: len(arch.vae["block_out_channels"])]
     with torch.device("meta"):
         controlnet = ControlNetModel.from_unet(models["unet"], conditioning_embedding_out_channels=embedding)
-    assert memory.controlnet_params(arch.unet, embedding).total == _count(controlnet)
+    assert param_counts.controlnet_params(arch.unet, embedding).total == _count(controlnet)
     if name == "sd15":
-        assert memory.unet_params(arch.unet).total == 859_520_964
+        assert param_counts.unet_params(arch.unet).total == 859_520_964
     if name == "sdxl":
-        assert memory.unet_params(arch.unet).total == 2_567_463_684
+        assert param_counts.unet_params(arch.unet).total == 2_567_463_684
 
 
 @pytest.mark.parametrize("name", REAL)
@@ -65,11 +65,11 @@ def test_adapter_parameter_counts_are_exact(name: str) -> None:
         unet = _models(arch)["unet"]
         unet.add_adapter(LoraConfig(r=8, lora_alpha=8, target_modules=unet_targets(targets)))
         lora = sum(p.numel() for n, p in unet.named_parameters() if "lora_" in n)
-        assert memory.lora_params(arch.unet, 8, targets != "attention").total == lora
+        assert param_counts.lora_params(arch.unet, 8, targets != "attention").total == lora
     params = HypernetworkParams(layer_structure=[1, 2, 1], layer_norm=True)
     with torch.device("meta"):
         network = Hypernetwork(params, [arch.unet["cross_attention_dim"]])
-    assert memory.hypernetwork_params(arch.unet, [1, 2, 1], True).total == _count(network)
+    assert param_counts.hypernetwork_params(arch.unet, [1, 2, 1], True).total == _count(network)
 
 
 def _spec(method: str, **training: Any) -> JobSpec:
@@ -96,7 +96,7 @@ def test_estimates_move_the_way_memory_does() -> None:
     assert memory.estimate(_spec("lora", resolution=512, batch_size=4), sd15).peak_bytes < lora.peak_bytes
     # Full fine-tunes: AdamW holds two fp32 moments per weight; 8-bit and factored state far less.
     adam = memory.estimate(_spec("dreambooth", resolution=512), sd15).parts["optimizer_state"]
-    assert adam == 8 * memory.unet_params(sd15.unet).total
+    assert adam == 8 * param_counts.unet_params(sd15.unet).total
     for optimizer in ("adamw_8bit", "adafactor"):
         assert (
             memory.estimate(_spec("dreambooth", resolution=512, optimizer=optimizer), sd15).parts[
@@ -107,7 +107,7 @@ def test_estimates_move_the_way_memory_does() -> None:
     # fp32 training keeps frozen weights in fp32: twice bf16's bytes.
     fp32 = memory.estimate(_spec("lora", mixed_precision="no"), sdxl).parts["weights"]
     bf16 = memory.estimate(_spec("lora"), sdxl).parts["weights"]
-    vae = memory.vae_params(sdxl.vae).total * 4  # fp32 either way
+    vae = param_counts.vae_params(sdxl.vae).total * 4  # fp32 either way
     assert fp32 - vae == 2 * (bf16 - vae)
 
 

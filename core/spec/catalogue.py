@@ -223,7 +223,7 @@ _ENTRIES = (
         summary="A ControlNet: images, conditioning images (or computed edges) and captions",
         implementation="core.methods.controlnet:ControlNetMethod",
         memory=MemoryTerms(
-            trained="controlnet",
+            trained="controlnet_copy",
             activations=ActivationFit(
                 plain=Coefficients(resnet=3.529, transformer=49.248, text=0.0),
                 checkpointed=Coefficients(resnet=5.978, transformer=0.0, text=0.0),
@@ -248,7 +248,7 @@ _ENTRIES = (
         min_images=1,
         summary="An IP-Adapter: generation guided by a reference image",
         implementation="core.methods.ip_adapter:IPAdapterMethod",
-        memory=MemoryTerms(trained="ip_adapter", activations=ADAPTER_FIT, image_encoder=True),
+        memory=MemoryTerms(trained="ip_attention", activations=ADAPTER_FIT, image_encoder=True),
         exports=(
             ExportFormat(
                 "bin",
