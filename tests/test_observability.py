@@ -39,8 +39,8 @@ from core.jobs import runner as job_runner
 from core.jobs import states as jobs
 from core.logs import configure_logging, log_context
 from core.models import Job, JobStatus
+from core.spec.catalogue import CATALOGUE
 from core.spec.job import JobSpec
-from core.spec.methods import METHOD_INFO
 from core.spec.training import TrainingParams
 from core.timeutil import utcnow
 from tests.db_fixtures import ApiTenant, insert_dataset, lora_spec, make_tenant
@@ -143,7 +143,7 @@ def test_metrics_count_jobs_by_method_and_status_from_the_database(db_url: str, 
         ("textual_inversion", "failed"): 1,
         ("controlnet", "canceled"): 1,
     }
-    for method in METHOD_INFO:  # every pair is present, zeros included, so alerts see the series
+    for method in CATALOGUE:  # every pair is present, zeros included, so alerts see the series
         for status in JobStatus:
             count = sample(samples, "atelier_jobs", method=method, status=str(status))
             assert count == expected.get((method, str(status)), 0), (method, status)
@@ -467,7 +467,7 @@ def test_worker_logs_json_lines_and_serves_its_metrics_port(tmp_path: Path) -> N
 def test_every_method_has_a_valid_worked_example_in_the_openapi_document() -> None:
     document = create_app(migrate=False).openapi()
     body = document["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]["application/json"]
-    assert body["examples"] == JOB_EXAMPLES and set(JOB_EXAMPLES) == set(METHOD_INFO)
+    assert body["examples"] == JOB_EXAMPLES and set(JOB_EXAMPLES) == set(CATALOGUE)
     for method, example in JOB_EXAMPLES.items():
         spec = JobSpec.model_validate(example["value"])
         assert spec.params.method == method and example["summary"]
