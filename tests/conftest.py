@@ -48,4 +48,4 @@ def tiny_sd(model_cache: Path):
     return Settings(model_cache=model_cache)
 
 
-pytest_plugins = ["tests.db_fixtures"]
+pytest_plugins = ["tests.db_fixtures", "tests.webhook_fixtures"]
