@@ -30,7 +30,7 @@ SourceKind = Literal["builtin", "hf", "storage", "local"]
 
 # What the built-in bases are, known without building them (core/bases/tiny makes 32 px images), and
 # their architecture signatures (see `architecture_of_folder`), so the API can check artifacts
-# against a built-in base it has never built; tests/test_composition.py compares them with the
+# against a built-in base it has never built; tests/test_composition_worker.py compares them with the
 # built folders.
 BUILTINS: dict[str, tuple[Family, int]] = {
     name: (KNOWN[name].family, KNOWN[name].resolution) for name in ("tiny-sd", "tiny-sdxl")
