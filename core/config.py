@@ -62,6 +62,9 @@ class Settings(BaseSettings):
     worker_live_s: float = 300.0  # an announcement not refreshed for this long no longer counts
 
     max_attempts: int = 3
+    # Attempts a generation gets (core/generation/states.py): one whose worker died is re-queued by the
+    # reaper until this many started, then fails `worker_lost`. Its lease and heartbeat are the jobs'.
+    generation_max_attempts: int = Field(default=3, ge=1)
     lease_s: float = 60.0
     heartbeat_s: float = 5.0
     # A job's progress (its phase and done/total, its step) is written within this long of a change

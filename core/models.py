@@ -230,12 +230,20 @@ class Artifact(Base):
 
 
 class Generation(Base):
+    """A generation row is a job's in small (core/generation/states.py): the same states, the attempt
+    as fencing token, a lease its worker's heartbeat renews and the reaper takes back."""
+
     __tablename__ = "generations"
+    __table_args__ = (Index("ix_generations_status_lease", "status", "lease_expires_at"),)
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
     spec: Mapped[dict[str, Any]]
     status: Mapped[str] = mapped_column(String(20), default=JobStatus.queued)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     attempt: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=3)
+    lease_expires_at: Mapped[datetime | None]
+    worker_id: Mapped[str | None] = mapped_column(String(200))
     image_keys: Mapped[list[Any] | None]
     # Images stored from the request's data URIs: this generation's own, deleted with it (images
     # uploaded to /v1/images are the tenant's, and stay).

@@ -28,6 +28,7 @@ __all__ = [
     "FileProblem",
     "ImageNotFound",
     "StoredImage",
+    "attempt_prefix",
     "decode_data_uri",
     "generation_prefix",
     "image_exists",
@@ -65,6 +66,12 @@ def image_key(tenant_id: str, image_id: str) -> str:
 def generation_prefix(tenant_id: str, generation_id: str) -> str:
     """Where a generation's output images go."""
     return f"tenants/{tenant_id}/generations/{generation_id}"
+
+
+def attempt_prefix(tenant_id: str, generation_id: str, attempt: int) -> str:
+    """Where one attempt stores its images: an attempt that lost its lease removes its own folder,
+    never the images of the attempt that took over."""
+    return f"{generation_prefix(tenant_id, generation_id)}/attempt-{attempt}"
 
 
 def read_upload(stream: BinaryIO, *, settings: Settings) -> Image.Image:

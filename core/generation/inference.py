@@ -11,21 +11,27 @@ import functools
 import io
 import json
 import logging
+import os
 import secrets
 import shutil
+import socket
 import tempfile
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL.PngImagePlugin import PngInfo
-from sqlalchemy import update
 
 from core.config import Settings
 from core.db import session_scope
+from core.generation import states
+from core.generation.heartbeat import LEASE_LOST, GenerationHeartbeat, GenerationStopped
+from core.generation.images import attempt_prefix, generation_prefix, load_image
 from core.generation.params import GenerationSpec
+from core.logs import log_context
 from core.models import Artifact, Generation, JobStatus
 from core.spec.catalogue import GENERATION_USES
 from core.storage.artifacts import (
@@ -37,7 +43,6 @@ from core.storage.artifacts import (
     sha256_file,
 )
 from core.storage.base import Storage, download_prefix
-from core.timeutil import utcnow
 
 log = logging.getLogger(__name__)
 MAX_PIPELINES = 2
@@ -152,9 +157,11 @@ def generate_images(
     settings: Settings,
     storage: Storage,
     output_type: str = "pil",
+    on_step: Callable[[], None] | None = None,
 ) -> list[Any]:
     """The images of `spec`, whose seed is fixed (run_generation draws one when the request has
-    none); `output_type` "np" gives float arrays, for comparisons finer than 8-bit pixels."""
+    none); `output_type` "np" gives float arrays, for comparisons finer than 8-bit pixels.
+    `on_step` runs after every denoising step; what it raises stops the generation there."""
     from core.bases.loader import image_encoder_folder
     from core.methods import get_method
     from core.methods.context import ArtifactUse, GenerationContext, applied, undo_all
@@ -194,6 +201,7 @@ def generate_images(
                 output_type=output_type,
                 **ctx.call_kwargs,
                 **ctx.controlnet_kwargs(),
+                **_step_callback(on_step),
             )
     finally:
         try:
@@ -203,6 +211,17 @@ def generate_images(
             if ctx.dirty:
                 forget_pipeline(spec.base_model)
     return list(result.images)
+
+
+def _step_callback(on_step: Callable[[], None] | None) -> dict[str, Any]:
+    if on_step is None:
+        return {}
+
+    def callback(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        on_step()
+        return tensors
+
+    return {"callback_on_step_end": callback}
 
 
 def png_parameters(spec: GenerationSpec, index: int) -> dict[str, Any]:
@@ -219,49 +238,145 @@ def _png(image: Any, spec: GenerationSpec, index: int) -> bytes:
     return buffer.getvalue()
 
 
-def run_generation(*, generation_id: str, settings: Settings, storage: Storage) -> str | None:
+@dataclass(frozen=True)
+class Claimed:
+    """What one attempt needs of its generation's row, read once when it was claimed."""
+
+    generation_id: str
+    attempt: int
+    tenant_id: str
+    spec: GenerationSpec
+    artifacts: dict[str, Artifact | None]
+
+
+def this_process() -> str:
+    """How a generation row names the process running it when the caller names none."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def run_generation(
+    *, generation_id: str, settings: Settings, storage: Storage, worker_id: str | None = None
+) -> str | None:
+    """Answer a generate message: claim the generation (a duplicate message finds it claimed and
+    does nothing) and run one attempt under a lease. Returns the status it ended in, or None when
+    it was not ours to run or the attempt lost its lease (the reaper re-queued it)."""
+    claimed = _claim(generation_id, settings, worker_id or this_process())
+    if claimed is None:
+        return None
+    with log_context(attempt=claimed.attempt):
+        log.info("generation %s attempt %s started", generation_id, claimed.attempt)
+        heartbeat = GenerationHeartbeat(
+            settings=settings, generation_id=generation_id, attempt=claimed.attempt
+        )
+        heartbeat.start()
+        try:
+            return _attempt(claimed, settings, storage, heartbeat)
+        finally:
+            heartbeat.stop()
+
+
+def _claim(generation_id: str, settings: Settings, worker_id: str) -> Claimed | None:
     with session_scope(settings.database_url) as session:
-        claimed = session.execute(
-            update(Generation)
-            .where(Generation.id == generation_id, Generation.status == JobStatus.queued)
-            .values(status=JobStatus.running, attempt=Generation.attempt + 1, started_at=utcnow())
-        ).rowcount
-        if not claimed:
+        attempt = states.claim(
+            session=session, generation_id=generation_id, worker_id=worker_id, lease_s=settings.lease_s
+        )
+        if attempt is None:
             return None
         generation = session.get(Generation, generation_id)
         assert generation is not None
         spec = GenerationSpec.model_validate(generation.spec)
         if spec.seed is None:  # requests queued before the API fixed the seed
             spec = spec.model_copy(update={"seed": secrets.randbelow(2**32 - spec.num_images)})
-        tenant_id = generation.tenant_id
-        refs = spec.uses()
-        rows = {ref.artifact_id: session.get(Artifact, ref.artifact_id) for ref in refs}
-    try:
-        from core.generation.images import generation_prefix, load_image
+        artifacts = {ref.artifact_id: session.get(Artifact, ref.artifact_id) for ref in spec.uses()}
+        return Claimed(generation_id, attempt, generation.tenant_id, spec, artifacts)
 
-        uses = []
-        for ref in refs:
-            row = rows[ref.artifact_id]
-            if row is None:
-                raise LookupError(f"artifact {ref.artifact_id} no longer exists")
-            image = load_image(ref.image, tenant_id, storage) if ref.image else None
-            uses.append(Use(row, ref.scale, image))
-        images = generate_images(spec=spec, uses=uses, settings=settings, storage=storage)
-        keys = []
-        for index, image in enumerate(images):
-            key = f"{generation_prefix(tenant_id, generation_id)}/{index}.png"
-            storage.put_bytes(key, _png(image, spec, index), content_type="image/png")
-            keys.append(key)
-        values: dict[str, Any] = {"status": JobStatus.succeeded, "image_keys": keys}
+
+def _attempt(
+    claimed: Claimed, settings: Settings, storage: Storage, heartbeat: GenerationHeartbeat
+) -> str | None:
+    """Generate, store under the attempt's own prefix while the lease holds, finish fenced."""
+    prefix = attempt_prefix(claimed.tenant_id, claimed.generation_id, claimed.attempt)
+    outcome: dict[str, Any]
+    try:
+        uses = _uses(claimed, storage)
+        images = generate_images(
+            spec=claimed.spec, uses=uses, settings=settings, storage=storage, on_step=heartbeat.check
+        )
+        heartbeat.confirm()
+        outcome = {"status": JobStatus.succeeded, "image_keys": _store(images, claimed.spec, prefix, storage)}
+    except GenerationStopped as stopped:
+        if stopped.reason == LEASE_LOST:
+            return _lost(claimed, prefix, storage)
+        outcome = {"status": JobStatus.canceled}
     except Exception as exc:
-        log.exception("generation %s failed", generation_id)
-        values = {
+        log.exception("generation %s failed", claimed.generation_id)
+        outcome = {
             "status": JobStatus.failed,
             "error_code": "generation_error",
             "error_message": f"{type(exc).__name__}: {exc}"[:2000],
         }
-    with session_scope(settings.database_url) as session:
-        session.execute(
-            update(Generation).where(Generation.id == generation_id).values(finished_at=utcnow(), **values)
-        )
-    return str(values["status"])
+    try:
+        with session_scope(settings.database_url) as session:
+            states.finish(
+                session=session, generation_id=claimed.generation_id, attempt=claimed.attempt, **outcome
+            )
+    except states.LeaseLost:
+        return _lost(claimed, prefix, storage)
+    status = outcome["status"]
+    log.info("generation %s attempt %s ended: %s", claimed.generation_id, claimed.attempt, status)
+    if status == JobStatus.succeeded:
+        _remove_others(claimed, outcome["image_keys"], storage)
+    else:
+        _discard(prefix, storage)  # a failure mid-store leaves some of its images
+    return str(status)
+
+
+def _uses(claimed: Claimed, storage: Storage) -> list[Use]:
+    uses = []
+    for ref in claimed.spec.uses():
+        row = claimed.artifacts[ref.artifact_id]
+        if row is None:
+            raise LookupError(f"artifact {ref.artifact_id} no longer exists")
+        image = load_image(ref.image, claimed.tenant_id, storage) if ref.image else None
+        uses.append(Use(row, ref.scale, image))
+    return uses
+
+
+def _store(images: list[Any], spec: GenerationSpec, prefix: str, storage: Storage) -> list[str]:
+    keys = []
+    for index, image in enumerate(images):
+        key = f"{prefix}/{index}.png"
+        storage.put_bytes(key, _png(image, spec, index), content_type="image/png")
+        keys.append(key)
+    return keys
+
+
+def _lost(claimed: Claimed, prefix: str, storage: Storage) -> None:
+    """The reaper took the generation back while this attempt ran: another attempt owns it now."""
+    log.warning(
+        "generation %s attempt %s lost its lease; discarding what it stored",
+        claimed.generation_id,
+        claimed.attempt,
+    )
+    _discard(prefix, storage)
+    return None
+
+
+def _discard(prefix: str, storage: Storage) -> None:
+    try:
+        storage.delete_prefix(prefix)
+    except Exception:
+        # Left for the attempt that succeeds (_remove_others), or for the generation's deletion.
+        log.warning("could not remove %s", prefix, exc_info=True)
+
+
+def _remove_others(claimed: Claimed, keep: list[str], storage: Storage) -> None:
+    """Images an earlier attempt stored before its worker died: the generation's are the winner's
+    alone. Best effort, as deleting the generation removes its whole prefix anyway."""
+    kept = set(keep)
+    try:
+        for key in storage.list(generation_prefix(claimed.tenant_id, claimed.generation_id)):
+            if key not in kept:
+                storage.delete(key)
+    except Exception:
+        log.warning("could not remove earlier attempts' images of %s", claimed.generation_id, exc_info=True)
