@@ -16,6 +16,7 @@ from core import deletion
 from core.config import Settings, get_settings
 from core.db import session_scope
 from core.generation import queue as generation_queue
+from core.generation import states as generation_states
 from core.jobs import states as jobs
 from core.logs import log_context
 from core.storage.factory import make_storage
@@ -56,12 +57,17 @@ def generate(generation_id: str) -> str | None:
     settings = get_settings()
     # Every record logged while generating carries the generation's id (as training's carry job_id).
     with log_context(generation_id=generation_id):
-        return run_generation(generation_id=generation_id, settings=settings, storage=make_storage(settings))
+        return run_generation(
+            generation_id=generation_id,
+            settings=settings,
+            storage=make_storage(settings),
+            worker_id=worker_id(),
+        )
 
 
 @shared_task(name=REAP_TASK, acks_late=True)
 def reap_stale_jobs() -> dict[str, list[str]]:
-    """Re-queue jobs whose worker died and re-send queued jobs and generations whose message was
+    """Re-queue jobs and generations whose worker died and re-send queued ones whose message was
     lost; clean up dataset uploads whose API process died mid-upload."""
     settings = get_settings()
     with session_scope(settings.database_url) as session:
@@ -83,17 +89,26 @@ def reap_stale_jobs() -> dict[str, list[str]]:
         resent.append(job_id)
     if requeued or resent:
         log.info("reaper: requeued %s, re-sent %s", requeued, resent)
-    generations = _resend_generations(settings)
-    return {"requeued": requeued, "resent": resent, "resent_generations": generations}
+    with session_scope(settings.database_url) as session:
+        requeued_generations = generation_states.reap_stale(session=session)
+    if requeued_generations:
+        log.info("reaper: requeued generations %s", requeued_generations)
+    generations = _resend_generations(settings, requeued_generations)
+    return {
+        "requeued": requeued,
+        "resent": resent,
+        "requeued_generations": requeued_generations,
+        "resent_generations": generations,
+    }
 
 
-def _resend_generations(settings: Settings) -> list[str]:
-    """Queued generations whose message may be lost get another; a duplicate finds the row no
-    longer queued and does nothing."""
+def _resend_generations(settings: Settings, requeued: list[str]) -> list[str]:
+    """Generations just re-queued, and queued ones whose message may be lost, get another; a
+    duplicate finds the row no longer queued and does nothing."""
     with session_scope(settings.database_url) as session:
         lost = generation_queue.undispatched(session=session, older_than_s=settings.queued_redispatch_s)
     resent = []
-    for generation_id in lost:
+    for generation_id in dict.fromkeys(requeued + lost):
         try:
             send_generate(generation_id)
         except Exception:
