@@ -265,7 +265,11 @@ class GenerationPublic(BaseModel):
     request: dict[str, Any]
     images: list[ImagePublic]
     error: ErrorInfo | None
+    attempt: int = Field(description="attempts started; a worker lost mid-generation starts another")
+    max_attempts: int
+    cancel_requested: bool
     created_at: str | None
+    started_at: str | None
     finished_at: str | None
 
     @classmethod
@@ -276,7 +280,11 @@ class GenerationPublic(BaseModel):
             request=gen.spec,
             images=[ImagePublic(index=i, url=u) for i, u in enumerate(urls)],
             error=ErrorInfo(code=gen.error_code, message=gen.error_message) if gen.error_code else None,
+            attempt=gen.attempt,
+            max_attempts=gen.max_attempts,
+            cancel_requested=gen.cancel_requested,
             created_at=iso(gen.created_at),
+            started_at=iso(gen.started_at),
             finished_at=iso(gen.finished_at),
         )
 

@@ -17,6 +17,7 @@ from core import deletion
 from core.bases.allow_list import BaseDescription, BaseModelNotAllowed, describe_base
 from core.errors import ApiError, not_found
 from core.generation import queue as generation_queue
+from core.generation import states as generation_states
 from core.generation.images import FileProblem, decode_data_uri, image_exists, image_key, store_image
 from core.generation.params import ArtifactRef, is_data_uri
 from core.ids import new_id
@@ -167,6 +168,7 @@ def create_generation(
         tenant_id=tenant_id,
         spec=spec.model_dump(mode="json"),
         status=JobStatus.queued,
+        max_attempts=settings.generation_max_attempts,
         input_image_ids=list(stored.values()) or None,
     )
     session.add(generation)
@@ -194,6 +196,20 @@ def get_generation(
     generation_id: str, request: Request, session: SessionDep, storage: StorageDep, tenant_id: TenantDep
 ) -> GenerationPublic:
     generation = get_owned_generation(session, tenant_id, generation_id)
+    urls = [file_url(storage, key, request) for key in generation.image_keys or []]
+    return GenerationPublic.from_row(generation, urls)
+
+
+@router.post("/{generation_id}/cancel", response_model=GenerationPublic)
+def cancel_generation(
+    generation_id: str, request: Request, session: SessionDep, storage: StorageDep, tenant_id: TenantDep
+) -> GenerationPublic:
+    """A queued generation is canceled at once; a running one stops at its next denoising step after
+    its worker's next heartbeat (`cancel_requested` says it was asked). 409 once it has finished."""
+    generation = get_owned_generation(session, tenant_id, generation_id)
+    if JobStatus(generation.status).is_terminal:
+        raise ApiError(409, "generation_finished", f"generation {generation_id} already {generation.status}")
+    generation = generation_states.request_cancel(session=session, generation=generation)
     urls = [file_url(storage, key, request) for key in generation.image_keys or []]
     return GenerationPublic.from_row(generation, urls)
 
