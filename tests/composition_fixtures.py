@@ -19,6 +19,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from core.bases.tiny import shipped_folder
 from core.config import Settings
 from core.generation import inference
 from core.generation.inference import Use, generate_images
@@ -111,7 +112,7 @@ def worker(tiny_cache: Path, tmp_path: Path) -> Worker:
     settings = Settings(
         home=tmp_path,
         model_cache=tmp_path / "models",
-        base_models={"tiny-sd": str(tiny_cache / "tiny-sd")},  # the built folder, as a local base
+        base_models={"tiny-sd": str(shipped_folder("tiny-sd"))},  # the shipped folder, as a local base
         device="cpu",
     )
     return Worker(settings, LocalStorage(tmp_path / "storage"))
@@ -121,7 +122,7 @@ def local_base(tiny_cache: Path, folder: Path, **unet_changes: Any) -> str:
     """A local diffusers folder with tiny-sd's configs (all the API reads), UNet config changed."""
     for name in ("model_index.json", "unet/config.json", "text_encoder/config.json", "vae/config.json"):
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(tiny_cache / "tiny-sd" / name, folder / name)
+        shutil.copy(shipped_folder("tiny-sd") / name, folder / name)
     unet = json.loads((folder / "unet/config.json").read_text())
     (folder / "unet/config.json").write_text(json.dumps({**unet, **unet_changes}))
     return str(folder)

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from core.bases.tiny import shipped_folder
 from core.bases.tiny.world import COLOURS
 from core.generation.inference import Use
 from tests import composition_fixtures as fixtures
@@ -62,7 +63,7 @@ IP_SCALE, CN_SCALE = 1.5, 4.0
 def test_the_seeds_pairing_ip_adapter_colour_and_controlnet_layout_at_once(
     worker: Worker, tiny_cache: Path, tmp_path: Path
 ) -> None:
-    base = tiny_cache / "tiny-sd"
+    base = shipped_folder("tiny-sd")
     # The recipes of tests/test_ip_adapter.py and tests/test_controlnet.py.
     ip_items = colour_items([MAGENTA, (0, 255, 255), (255, 255, 0), (0, 0, 255)], 2)
     ip = train_artifact(

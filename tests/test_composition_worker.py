@@ -21,6 +21,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from core.bases.allow_list import BUILTIN_ARCHITECTURES, architecture_of_folder
+from core.bases.tiny import shipped_folder
 from core.config import Settings
 from core.generation import inference
 from core.generation.inference import Use, artifact_dir, run_generation
@@ -58,7 +59,7 @@ def trained(tiny_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
     lr = {"lora": 2e-2, "hypernetwork": 1e-2, "controlnet": 1e-2, "ip_adapter": 1e-2}
     return {
         method: train_artifact(
-            tiny_cache / "tiny-sd",
+            shipped_folder("tiny-sd"),
             root / method,
             {"method": method, **params},
             items,
@@ -261,7 +262,7 @@ def test_a_manifest_without_file_hashes_is_cached_by_artifact_id(
 
 def test_builtin_architectures_are_those_of_the_built_folders(tiny_cache: Path) -> None:
     for name, architecture in BUILTIN_ARCHITECTURES.items():
-        assert architecture_of_folder(tiny_cache / name) == architecture, name
+        assert architecture_of_folder(shipped_folder(name)) == architecture, name
 
 
 def test_a_trained_artifact_records_its_base_architecture(trained: dict[str, Path]) -> None:
@@ -280,7 +281,7 @@ def test_a_generation_through_the_api_stores_pngs_with_each_images_seed(
     tiny_cache: Path,
     trained: dict[str, Path],
 ) -> None:
-    bases.base_models["tiny-sd"] = str(tiny_cache / "tiny-sd")
+    bases.base_models["tiny-sd"] = str(shipped_folder("tiny-sd"))
     bases.device = "cpu"
     storage = make_storage(bases)
     lora = make_artifact(api_client, bases, acme, "lora", files=trained["lora"])
@@ -293,7 +294,7 @@ def test_a_generation_through_the_api_stores_pngs_with_each_images_seed(
         scheduler="euler_a",
         loras=[{"artifact_id": lora, "scale": 0.8}],
     )
-    bases.base_models["tiny-sd-copy"] = str(tiny_cache / "tiny-sd")  # the worker builds nothing
+    bases.base_models["tiny-sd-copy"] = str(shipped_folder("tiny-sd"))  # the worker builds nothing
 
     def run(body: dict[str, Any]) -> list[Image.Image]:
         response = post(api_client, acme, body)

@@ -41,6 +41,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+from core.bases.tiny import shipped_folder
 from core.exports import ExportContext
 from core.exports.dreambooth import export_single_file
 from core.exports.ldm_layout import SDXL_OPEN_CLIP_PREFIX
@@ -198,7 +199,7 @@ def synthetic_base(tiny_cache: Path, folder: Path, kind: str) -> tuple[Path, str
     attention on the last two, two transformer layers deep at the bottom, text_time embedding),
     at tiny widths; tokenizers and scheduler from the tiny base."""
     family = "sdxl" if kind == "sdxl" else "sd"
-    template = tiny_cache / ("tiny-sdxl" if family == "sdxl" else "tiny-sd")
+    template = shipped_folder("tiny-sdxl" if family == "sdxl" else "tiny-sd")
     for part in ("scheduler", "tokenizer", "tokenizer_2", "model_index.json"):
         if (template / part).is_dir():
             shutil.copytree(template / part, folder / part)
