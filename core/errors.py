@@ -56,3 +56,14 @@ class MethodInputError(ValueError):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+class NonFiniteError(ArithmeticError):
+    """Training or a prediction produced NaN or infinite numbers (`training_diverged`,
+    `non_finite_artifact`, `non_finite_prediction`): the job fails at once with `code`, no retry. A
+    retry would replay the same steps (all randomness is a function of seed and step), so it would
+    diverge again; the cure is another learning rate or batch size, which is the user's call."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code

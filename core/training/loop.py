@@ -9,12 +9,11 @@ checkpoint carries the optimizer, scheduler and RNG state, so a resumed run ends
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from core.bases.allow_list import architecture_of_folder
+from core.errors import NonFiniteError
 from core.spec.job import JobSpec
 from core.spec.training import TrainingParams
 from core.training import checkpoint
@@ -34,6 +34,7 @@ from core.training.caching import (
     TrainingItem,
     build_training_data,
 )
+from core.training.meter import Meter, Reading, divergence
 from core.training.optim import Precision, autocast, make_optimizer, resolve_precision
 from core.training.progress import TrainingHooks, phase_reporter
 from core.training.step import (
@@ -65,6 +66,8 @@ class TrainResult:
     images: int  # distinct training images, as cached
     loss_history: list[tuple[int, float]] = field(default_factory=list)
     compile: dict[str, Any] = field(default_factory=dict)  # CompileStats.as_dict()
+    # Optimizer steps skipped (this attempt) because their loss or gradient was not finite.
+    skipped_steps: int = 0
 
 
 def _prepare_models(
@@ -135,9 +138,12 @@ def _forward(run: _Run, batch: Batch) -> torch.Tensor:
         return run.trainable(batch)
 
 
-def _optimizer_step(run: _Run, step: int, params: list[torch.nn.Parameter]) -> tuple[torch.Tensor, int, bool]:
+def _optimizer_step(
+    run: _Run, step: int, params: list[torch.nn.Parameter]
+) -> tuple[torch.Tensor, int, bool, torch.Tensor]:
     """One optimizer step (0-based `step`) over its micro-batches: (mean loss on device, images,
-    whether a micro-batch compiled a new graph, so the step is left out of images/s)."""
+    whether a micro-batch compiled a new graph, so the step is left out of images/s, and whether
+    the step was skipped for a non-finite loss or gradient, on device)."""
     accumulation = run.training.gradient_accumulation_steps
     total = torch.zeros((), device=run.device)
     images, compiled_now = 0, False
@@ -160,12 +166,39 @@ def _optimizer_step(run: _Run, step: int, params: list[torch.nn.Parameter]) -> t
         total += loss.detach()
         images += len(batch)
     run.scaler.unscale_(run.optimizer)
-    torch.nn.utils.clip_grad_norm_(params, run.training.max_grad_norm)
-    run.scaler.step(run.optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, run.training.max_grad_norm)
+    mean = total / accumulation
+    skipped = _step_if_finite(run, mean, grad_norm)
     run.scaler.update()
+    # The schedule moves on over a skipped step, as with AMP's: step n always has lr(n), resumed or not.
     run.lr_scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    return total / accumulation, images, compiled_now
+    return mean, images, compiled_now, skipped
+
+
+def _step_if_finite(run: _Run, loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
+    """Step the optimizer unless the loss or the gradient is not finite (a non-finite gradient has a
+    non-finite norm); returns "skipped" as a bool tensor on the device, read at report points."""
+    optimizer = run.optimizer
+    if run.scaler.is_enabled():
+        # fp16: the scaler skips steps whose scaled gradients overflowed and lowers its scale. That
+        # is its calibration, not divergence: only a non-finite loss counts.
+        run.scaler.step(optimizer)
+        return ~torch.isfinite(loss)
+    skipped = ~torch.isfinite(loss + grad_norm)
+    if getattr(optimizer, "_step_supports_amp_scaling", False):
+        # Fused AdamW reads GradScaler's `found_inf` on the device and leaves weights, moments and
+        # its step count as they were: a skip without a host sync (the scaler's own protocol).
+        optimizer.grad_scale, optimizer.found_inf = None, skipped.float()  # type: ignore[attr-defined]
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.grad_scale, optimizer.found_inf  # type: ignore[attr-defined]
+    elif not skipped.item():
+        # Optimizers without that protocol (8-bit AdamW, Adafactor) cannot skip on the device: one
+        # host sync per step, on the large full fine-tunes they serve, where a step is GPU-bound.
+        optimizer.step()
+    return skipped
 
 
 def _compiling_call(
@@ -180,56 +213,6 @@ def _compiling_call(
         loss = _forward(run, batch)
         backward(loss)
         return loss
-
-
-class _Meter:
-    """Sums loss on the device; only `flush` (at report points) syncs with the host."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self._reset()
-        self.started = time.perf_counter()
-        self.images_total = 0
-
-    def _reset(self) -> None:
-        self.loss = torch.zeros((), device=self.device)
-        self.count, self.images, self.since = 0, 0, time.perf_counter()
-
-    @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
-        """Leave checkpoints and samples out of the images/s figures."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)  # rare (checkpoint/sample points): finish queued steps first
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            elapsed = time.perf_counter() - start
-            self.since += elapsed
-            self.started += elapsed
-
-    def add(self, loss: torch.Tensor, images: int) -> None:
-        self.loss += loss
-        self.count += 1
-        self.images += images
-        self.images_total += images
-
-    def add_untimed(self, loss: torch.Tensor, elapsed: float) -> None:
-        """A step whose time went mostly to compiling: its loss counts, its time and images don't."""
-        self.loss += loss
-        self.count += 1
-        self.since += elapsed
-        self.started += elapsed
-
-    def flush(self) -> tuple[float, float]:
-        """(mean loss, images/s) since the last flush."""
-        loss = (self.loss / max(self.count, 1)).item()
-        rate = self.images / max(time.perf_counter() - self.since, 1e-9)
-        self._reset()
-        return loss, rate
-
-    def overall_rate(self) -> float:
-        return self.images_total / max(time.perf_counter() - self.started, 1e-9)
 
 
 def _save_checkpoint(run: _Run, step: int, previous: Path | None) -> Path:
@@ -373,12 +356,22 @@ class _AutoCompile:
         return True
 
 
-def _loop(run: _Run, start: int) -> tuple[float, float, list[tuple[int, float]]]:
-    """Steps start+1..max_steps; returns (last reported loss, overall images/s, loss history)."""
+@dataclass
+class _Trained:
+    """What `_loop` measured over steps start+1..max_steps."""
+
+    last_loss: float  # the last reported loss
+    images_per_s: float  # overall
+    history: list[tuple[int, float]]
+    skipped: int
+
+
+def _loop(run: _Run, start: int) -> _Trained:
+    """Steps start+1..max_steps. Raises NonFiniteError("training_diverged") past the skip bounds."""
     training, hooks = run.training, run.hooks
     total = training.max_steps
     params = run.trainable.trainable_parameters()
-    meter, history, last_loss = _Meter(run.device), [], float("nan")
+    meter, history, last_loss, skipped = Meter(run.device), [], float("nan"), 0
     previous_checkpoint: Path | None = None
     # About 100 points make the loss curve; one host sync per point, not per step.
     curve_every = max(1, total // 100)
@@ -391,20 +384,23 @@ def _loop(run: _Run, start: int) -> tuple[float, float, list[tuple[int, float]]]
             run.compile_stats.reason = f"auto compiles on {' and '.join(step_module.AUTO_DEVICES)} only"
     for step in range(start, total):
         began = time.perf_counter()
-        loss, images, compiled_now = _optimizer_step(run, step, params)
+        loss, images, compiled_now, step_skipped = _optimizer_step(run, step, params)
         if compiled_now:
-            meter.add_untimed(loss, time.perf_counter() - began)
+            meter.add_untimed(loss, step_skipped, time.perf_counter() - began)
         else:
-            meter.add(loss, images)
+            meter.add(loss, step_skipped, images)
         done = step + 1
         if auto is not None and auto.after_step(done):
             auto = None
         report = done == total or hooks.should_report(done)
         if report or done % curve_every == 0:
-            last_loss, rate = meter.flush()
-            history.append((done, last_loss))
+            reading = meter.flush()
+            skipped = _check_finite(run, reading, done=done, start=start, reported=skipped)
+            last_loss = reading.loss
+            if last_loss == last_loss:  # not nan: some step since the last point was finite
+                history.append((done, last_loss))
             if report:
-                hooks.progress(step=done, total=total, loss=last_loss, images_per_s=rate)
+                hooks.progress(step=done, total=total, loss=last_loss, images_per_s=reading.images_per_s)
         if training.checkpoint_every and done % training.checkpoint_every == 0 and done < total:
             with meter.paused():
                 previous_checkpoint = _save_checkpoint(run, done, previous_checkpoint)
@@ -412,7 +408,29 @@ def _loop(run: _Run, start: int) -> tuple[float, float, list[tuple[int, float]]]
         if training.sample_prompts and (sample_due or done == total):
             with meter.paused():
                 _samples(run, done)
-    return last_loss, meter.overall_rate(), history
+    return _Trained(last_loss, meter.overall_rate(), history, skipped)
+
+
+def _check_finite(run: _Run, reading: Reading, *, done: int, start: int, reported: int) -> int:
+    """Stop a diverged run; log newly skipped steps. Returns the skips so far."""
+    training = run.training
+    why = divergence(
+        reading,
+        done=done,
+        trained=done - start,
+        total=training.max_steps,
+        learning_rate=training.learning_rate,
+    )
+    if why is not None:
+        raise NonFiniteError("training_diverged", why)
+    if reading.skipped > reported:
+        log.warning(
+            "%d optimizer steps skipped up to step %d: non-finite loss or gradient",
+            reading.skipped,
+            done,
+            extra={"step": done, "skipped_steps": reading.skipped},
+        )
+    return reading.skipped
 
 
 def _cache(
@@ -467,7 +485,7 @@ def train(
     _choose_compile(run, start)
     hooks.phase("training", done=start, total=spec.training.max_steps)
     try:
-        final_loss, rate, history = _loop(run, start)
+        trained = _loop(run, start)
     finally:
         if run.compiled is not None:
             record_compile_cost(compile_cost_key(method.name, _architecture(run), device), stats)
@@ -483,12 +501,13 @@ def train(
         artifact_dir=artifact_dir,
         files=list(files),
         steps=spec.training.max_steps,
-        final_loss=final_loss,
+        final_loss=trained.last_loss,
         resumed_from_step=resumed,
-        images_per_s=rate,
+        images_per_s=trained.images_per_s,
         images=run.data.image_count,
-        loss_history=history,
+        loss_history=trained.history,
         compile=stats.as_dict(),
+        skipped_steps=trained.skipped,
     )
 
 
