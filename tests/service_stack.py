@@ -101,6 +101,17 @@ class Stack:
         args = ("worker", "--queues", "train", "--concurrency", "1", "--max-tasks-per-child", "1")
         return self._spawn(name, *args)
 
+    def start_worker(self, name: str, *, queues: str) -> subprocess.Popen:
+        """One Celery worker on `queues`, one task at a time, its pool process kept across tasks (as
+        the generate worker runs). With `start_beat` and a maintenance worker, any worker can be
+        killed while the reaper goes on."""
+        return self._spawn(
+            name, "worker", "--queues", queues, "--concurrency", "1", "--max-tasks-per-child", "0"
+        )
+
+    def start_beat(self) -> subprocess.Popen:
+        return self._spawn("beat", "beat")
+
     def start_topology(
         self, *, train_workers: int = 2, api_env: dict[str, str] | None = None
     ) -> dict[str, subprocess.Popen]:
