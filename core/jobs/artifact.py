@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 
 from core.bases.allow_list import architecture_of_folder
-from core.exports import ExportContext, write_exports
+from core.errors import NonFiniteError
+from core.exports import EXPORTS_DIR, ExportContext, write_exports
 from core.methods import get_method
 from core.methods.base import Method
 from core.spec.job import JobSpec
@@ -62,12 +64,17 @@ def train_artifact(
 def write_artifact(
     result: TrainResult, *, method: Method, spec: JobSpec, base: Any, name: str, hooks: TrainingHooks
 ) -> TrainedArtifact:
-    """Exports beside the trained files, then the manifest over all of them."""
+    """Exports beside the trained files, then the manifest over all of them. Weights holding NaN or
+    infinite values are refused first (NonFiniteError "non_finite_artifact"): without a manifest
+    nothing is stored, and the job fails instead of succeeding with an artifact that generates noise."""
+    check_finite(result.artifact_dir)
     exports, export_errors = write_exports(
         method.name,
         result.artifact_dir,
         ExportContext(base.path, spec.base_model, base.family, spec.params, spec.training, name),
     )
+    # Exports convert the checked weights, some to fp16, where a finite fp32 weight past 65504 is inf.
+    check_finite(result.artifact_dir / EXPORTS_DIR, root=result.artifact_dir)
     write_manifest(
         result.artifact_dir,
         method=method.name,
@@ -87,6 +94,30 @@ def write_artifact(
     return stored
 
 
+def check_finite(folder: Path, *, root: Path | None = None) -> None:
+    """Raise NonFiniteError("non_finite_artifact") when a tensor in a safetensors file under
+    `folder` holds NaN or inf (named relative to `root`, default `folder`). Every method and export
+    writes its weights as safetensors (design.md §9), so these files are all the weights a user
+    gets. One tensor at a time: a DreamBooth UNet is read once more from disk, never held whole."""
+    root = root or folder
+    bad: list[str] = []
+    checked = 0
+    for path in sorted(folder.rglob("*.safetensors")):
+        with safe_open(path, "pt") as handle:
+            for key in handle.keys():  # noqa: SIM118 - not a dict
+                tensor = handle.get_tensor(key)
+                checked += 1
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    bad.append(f"{path.relative_to(root)}:{key}")
+    if bad:
+        raise NonFiniteError(
+            "non_finite_artifact",
+            f"the trained weights hold NaN or infinite values in {len(bad)} of {checked} tensors (first: "
+            f"{', '.join(bad[:3])}): training diverged, and nothing was stored. A lower learning rate "
+            "or a larger batch usually helps",
+        )
+
+
 def _metrics(result: TrainResult) -> dict[str, Any]:
     return {
         "steps": result.steps,
@@ -97,4 +128,6 @@ def _metrics(result: TrainResult) -> dict[str, Any]:
         # (step, loss) at each report point since this attempt started: the loss curve.
         "loss_history": [[step, loss] for step, loss in result.loss_history],
         "compile": result.compile,
+        # Steps whose loss or gradient was not finite, skipped rather than applied (this attempt).
+        "skipped_steps": result.skipped_steps,
     }

@@ -94,7 +94,7 @@ def _attempt(
     hooks: JobHooks,
     workdir: Path,
 ) -> str:
-    from core.errors import MethodInputError
+    from core.errors import MethodInputError, NonFiniteError
     from core.training.progress import StopTraining
 
     attempt_prefix = f"{job_prefix(job.tenant_id, job.id)}/attempt-{attempt}"
@@ -117,7 +117,8 @@ def _attempt(
     except jobs.LeaseLost:
         _discard(storage, attempt_prefix)
         return "lease_lost"
-    except (PermanentJobError, MethodInputError) as exc:
+    except (PermanentJobError, MethodInputError, NonFiniteError) as exc:
+        # NonFiniteError: a retry replays the same seeded steps into the same divergence.
         _discard(storage, attempt_prefix)
         return _finish(settings, job.id, attempt, JobStatus.failed, code=exc.code, message=str(exc))
     except Exception as exc:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from core.errors import MethodInputError
+from core.errors import MethodInputError, NonFiniteError
 from core.methods.hyper_lora import ReferenceEncoder, load_network
 from core.methods.lora import ADAPTER
 
@@ -33,7 +33,10 @@ class Prediction:
 def predict_lora(
     *, artifact_dir: Path, image_encoder_path: Path | None, images: list[Image.Image], device: torch.device
 ) -> Prediction:
-    """The hyper_lora's LoRA for `images`, keyed as a `lora` job's trainable state."""
+    """The hyper_lora's LoRA for `images`, keyed as a `lora` job's trainable state. A prediction
+    with NaN or infinite values (from a hyper_lora stored before the job layer refused non-finite
+    weights) raises NonFiniteError "non_finite_prediction": it would train and
+    generate noise."""
     if not 1 <= len(images) <= 5:
         raise MethodInputError("invalid_init_from", f"1 to 5 reference images are needed, not {len(images)}")
     network, trained_encoder = load_network(artifact_dir)
@@ -57,4 +60,12 @@ def predict_lora(
         prefix = f"{UNET}.{layer.name}"
         state[f"{prefix}.lora_A.{ADAPTER}.weight"] = a[0].float().cpu().reshape(a_shape)
         state[f"{prefix}.lora_B.{ADAPTER}.weight"] = b[0].float().cpu().reshape(b_shape)
+    bad = [name for name, tensor in state.items() if not bool(torch.isfinite(tensor).all())]
+    if bad:
+        raise NonFiniteError(
+            "non_finite_prediction",
+            f"the hyper_lora's prediction for these reference images holds NaN or infinite values in "
+            f"{len(bad)} of {len(state)} LoRA weights (first: {bad[0]}): its artifact is unusable; "
+            "train the hyper_lora again",
+        )
     return Prediction(state, network.config.instance_prompt)
