@@ -1,4 +1,5 @@
-"""What every method hands the one training loop, and what the registry expects of a method.
+"""What every method hands the one training loop, and what the catalogue (core/spec/catalogue.py)
+expects of a method's implementation.
 
 A method's `build` wraps the base models into a `Trainable`: it marks what trains (adapters, new
 embeddings, whole modules) and leaves everything else frozen. The loop owns the optimizer, precision,
