@@ -145,8 +145,8 @@ def _run(client: AtelierClient, out: Path, steps: int) -> int:
             },
         }
     )
-    print(f"job {job['id']} queued (the first run also builds the tiny-sd base model)")
-    # The bar follows the job's phases (the base build, caching, training, upload) over its events.
+    print(f"job {job['id']} queued")
+    # The bar follows the job's phases (loading the base, caching, training, upload) over its events.
     job = watch_job(client, job["id"], ProgressBar(label=job["id"]))
     if job["status"] != "succeeded":
         print(f"job {job['id']} {job['status']}: {job['error']}", file=sys.stderr)
