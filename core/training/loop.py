@@ -5,11 +5,12 @@ owns everything else: precision and device placement, the cached data, AdamW ove
 parameters only, the lr schedule, gradient accumulation and clipping, checkpoints, samples, resume
 and progress. All randomness after model construction is a function of (seed, step), and a
 checkpoint carries the optimizer, scheduler and RNG state, so a resumed run ends bit-identical on CPU.
+A step whose loss or gradient is not finite is skipped and counted, and too many end the run
+(core/training/meter.py); compiling the step is core/training/compiling.py's.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
@@ -20,33 +21,22 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from core.bases.allow_list import architecture_of_folder
-from core.errors import NonFiniteError
 from core.spec.job import JobSpec
 from core.spec.training import TrainingParams
-from core.training import checkpoint
+from core.training import checkpoint, compiling
 from core.training import step as step_module
 from core.training.caching import (
-    Batch,
     CaptionedImage,
     PairedData,
     TrainingData,
     TrainingItem,
     build_training_data,
 )
-from core.training.meter import Meter, Reading, divergence
+from core.training.meter import Meter, step_if_finite, stop_if_diverged
 from core.training.optim import Precision, autocast, make_optimizer, resolve_precision
 from core.training.progress import TrainingHooks, phase_reporter
-from core.training.step import (
-    AUTO_PROBE_STEPS,
-    CompiledForward,
-    CompileStats,
-    compile_cost_key,
-    expected_compile_s,
-    forget_compiled,
-    record_compile_cost,
-    repays,
-)
+from core.training.run import Run, forward
+from core.training.step import CompileStats
 
 if TYPE_CHECKING:  # methods build on the loop's pieces; the loop is handed a method
     from core.methods.base import Method, Trainable
@@ -107,39 +97,8 @@ def _freeze(base: Any) -> None:
             module.requires_grad_(False)
 
 
-@dataclass
-class _Run:
-    """Everything one step needs, built once by `train`."""
-
-    spec: JobSpec
-    trainable: Trainable
-    data: TrainingData | PairedData
-    optimizer: torch.optim.Optimizer
-    lr_scheduler: Any
-    scaler: torch.amp.GradScaler
-    precision: Precision
-    device: torch.device
-    hooks: TrainingHooks
-    workdir: Path
-    resolution: int
-    compile_stats: CompileStats
-    compiled: CompiledForward | None = None
-
-    @property
-    def training(self) -> TrainingParams:
-        return self.spec.training
-
-    def autocast(self) -> torch.autocast:
-        return autocast(self.device, self.precision)
-
-
-def _forward(run: _Run, batch: Batch) -> torch.Tensor:
-    with run.autocast():
-        return run.trainable(batch)
-
-
 def _optimizer_step(
-    run: _Run, step: int, params: list[torch.nn.Parameter]
+    run: Run, step: int, params: list[torch.nn.Parameter]
 ) -> tuple[torch.Tensor, int, bool, torch.Tensor]:
     """One optimizer step (0-based `step`) over its micro-batches: (mean loss on device, images,
     whether a micro-batch compiled a new graph, so the step is left out of images/s, and whether
@@ -155,10 +114,10 @@ def _optimizer_step(
         batch = run.data.micro_batch(step * accumulation + micro)
         compiled = run.compiled
         if compiled is None:
-            loss = _forward(run, batch)
+            loss = forward(run, batch)
             backward(loss)
         elif compiled.is_new(batch):
-            loss = _compiling_call(run, compiled, batch, backward)
+            loss = compiling.compiling_call(run, compiled, batch, backward)
             compiled_now = True
         else:
             loss = compiled(batch)
@@ -168,7 +127,7 @@ def _optimizer_step(
     run.scaler.unscale_(run.optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, run.training.max_grad_norm)
     mean = total / accumulation
-    skipped = _step_if_finite(run, mean, grad_norm)
+    skipped = step_if_finite(run.optimizer, run.scaler, mean, grad_norm)
     run.scaler.update()
     # The schedule moves on over a skipped step, as with AMP's: step n always has lr(n), resumed or not.
     run.lr_scheduler.step()
@@ -176,46 +135,7 @@ def _optimizer_step(
     return mean, images, compiled_now, skipped
 
 
-def _step_if_finite(run: _Run, loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
-    """Step the optimizer unless the loss or the gradient is not finite (a non-finite gradient has a
-    non-finite norm); returns "skipped" as a bool tensor on the device, read at report points."""
-    optimizer = run.optimizer
-    if run.scaler.is_enabled():
-        # fp16: the scaler skips steps whose scaled gradients overflowed and lowers its scale. That
-        # is its calibration, not divergence: only a non-finite loss counts.
-        run.scaler.step(optimizer)
-        return ~torch.isfinite(loss)
-    skipped = ~torch.isfinite(loss + grad_norm)
-    if getattr(optimizer, "_step_supports_amp_scaling", False):
-        # Fused AdamW reads GradScaler's `found_inf` on the device and leaves weights, moments and
-        # its step count as they were: a skip without a host sync (the scaler's own protocol).
-        optimizer.grad_scale, optimizer.found_inf = None, skipped.float()  # type: ignore[attr-defined]
-        try:
-            optimizer.step()
-        finally:
-            del optimizer.grad_scale, optimizer.found_inf  # type: ignore[attr-defined]
-    elif not skipped.item():
-        # Optimizers without that protocol (8-bit AdamW, Adafactor) cannot skip on the device: one
-        # host sync per step, on the large full fine-tunes they serve, where a step is GPU-bound.
-        optimizer.step()
-    return skipped
-
-
-def _compiling_call(
-    run: _Run, compiled: CompiledForward, batch: Batch, backward: Callable[[torch.Tensor], None]
-) -> torch.Tensor:
-    """Forward and backward of a batch shape not compiled yet. Compiling happens before any
-    gradient is written, so when it fails the micro-batch runs eagerly and the job goes on eager."""
-    try:
-        return compiled.compiling_call(batch, backward)
-    except Exception as exc:  # any backend failure: no C compiler, an unsupported op
-        _compile_failed(run, exc)
-        loss = _forward(run, batch)
-        backward(loss)
-        return loss
-
-
-def _save_checkpoint(run: _Run, step: int, previous: Path | None) -> Path:
+def _save_checkpoint(run: Run, step: int, previous: Path | None) -> Path:
     folder = run.workdir / "checkpoints" / f"step-{step:08d}"
     checkpoint.save_checkpoint(
         folder,
@@ -233,7 +153,7 @@ def _save_checkpoint(run: _Run, step: int, previous: Path | None) -> Path:
     return folder
 
 
-def _resume(run: _Run) -> int | None:
+def _resume(run: Run) -> int | None:
     found = run.hooks.load_checkpoint()
     if found is None:
         return None
@@ -252,7 +172,7 @@ def _resume(run: _Run) -> int | None:
     return step
 
 
-def _samples(run: _Run, step: int) -> None:
+def _samples(run: Run, step: int) -> None:
     prompts = run.training.sample_prompts
     run.trainable.eval()
     try:
@@ -261,99 +181,6 @@ def _samples(run: _Run, step: int) -> None:
     finally:
         run.trainable.train()
     run.hooks.save_samples(step=step, images=images, prompts=prompts)
-
-
-def _batch_shapes(data: TrainingData | PairedData) -> int:
-    """How many distinct micro-batch shapes the run will see: per bucket, the full batch and a
-    short last one when the bucket does not divide (each is one compiled graph set)."""
-    sampler = (data.instance if isinstance(data, PairedData) else data).sampler
-    size = sampler.batch_size
-    return sum((n >= size) + (n % size != 0) for n in sampler.bucket_lengths)
-
-
-def _architecture(run: _Run) -> str:
-    """A key for "same compile cost": the base's architecture signature, else its id."""
-    signature = architecture_of_folder(Path(run.trainable.base.path))
-    return json.dumps(signature, sort_keys=True) if signature else run.spec.base_model
-
-
-def _enable_compile(run: _Run, step: int, reason: str) -> None:
-    """Compile from 1-based step `step` on: the method's forward + loss, per batch shape."""
-    stats = run.compile_stats
-    stats.enabled, stats.reason, stats.compiled_at_step = True, reason, step
-
-    def loss_fn(batch: Batch) -> torch.Tensor:
-        return _forward(run, batch)
-
-    _prime(run, step)
-    try:
-        run.compiled = CompiledForward(
-            loss_fn, run.device, stats, accumulation=run.training.gradient_accumulation_steps
-        )
-    except Exception as exc:  # an unknown backend, a torch build without dynamo: stay eager
-        _compile_failed(run, exc)
-        return
-    log.info("compiling the training step from step %d: %s", step, reason)
-
-
-def _prime(run: _Run, step: int) -> None:
-    """One eager forward before compiling, for models that set themselves up lazily on their first
-    call: transformers 5 installs its hidden-state capture hooks (behind a lock) the first time a
-    text encoder is asked for hidden states, which would break the graph of SDXL textual inversion.
-    Without gradients and in eval mode (no dropout draws); the batch is a pure function of its
-    index, so the run's random streams are untouched."""
-    batch = run.data.micro_batch((step - 1) * run.training.gradient_accumulation_steps)
-    run.trainable.eval()
-    try:
-        with torch.no_grad():
-            _forward(run, batch)
-    finally:
-        run.trainable.train()
-
-
-def _compile_failed(run: _Run, exc: Exception) -> None:
-    log.warning("compiling the training step failed; training eagerly: %s", exc)
-    stats = run.compile_stats
-    stats.enabled, stats.reason = False, f"compile failed: {type(exc).__name__}: {exc}"[:500]
-    run.compiled = None
-
-
-class _AutoCompile:
-    """training.compile = "auto": time a few eager steps, then compile only if the steps left save
-    more than compiling is expected to cost."""
-
-    def __init__(self, run: _Run, start: int) -> None:
-        self.run = run
-        self.warmup = start + 1  # the first step pays one-off costs (allocator, lazy init): untimed
-        self.began = 0.0
-
-    def _now(self) -> float:
-        if self.run.device.type == "cuda":
-            torch.cuda.synchronize(self.run.device)
-        return time.perf_counter()
-
-    def after_step(self, done: int) -> bool:
-        """Called after each step; True once decided."""
-        run, stats = self.run, self.run.compile_stats
-        remaining = run.training.max_steps - done
-        if done == self.warmup:
-            if remaining <= AUTO_PROBE_STEPS:
-                stats.reason = "auto: too few steps to repay compiling"
-                return True
-            self.began = self._now()
-            return False
-        if done < self.warmup + AUTO_PROBE_STEPS:
-            return False
-        eager = (self._now() - self.began) / AUTO_PROBE_STEPS
-        stats.eager_step_s = round(eager, 6)
-        key = compile_cost_key(run.spec.params.method, _architecture(run), run.device)
-        cost = expected_compile_s(key, _batch_shapes(run.data))
-        verdict = f"{remaining} steps at {eager * 1000:.1f} ms eager against ~{cost:.0f} s of compiling"
-        if repays(eager_step_s=eager, remaining_steps=remaining, compile_s=cost, device=run.device):
-            _enable_compile(run, done + 1, f"auto: {verdict} repays it")
-        else:
-            stats.reason = f"auto: {verdict} does not repay it"
-        return True
 
 
 @dataclass
@@ -366,7 +193,7 @@ class _Trained:
     skipped: int
 
 
-def _loop(run: _Run, start: int) -> _Trained:
+def _loop(run: Run, start: int) -> _Trained:
     """Steps start+1..max_steps. Raises NonFiniteError("training_diverged") past the skip bounds."""
     training, hooks = run.training, run.hooks
     total = training.max_steps
@@ -379,7 +206,7 @@ def _loop(run: _Run, start: int) -> _Trained:
     auto = None
     if run.compile_stats.setting == "auto":
         if run.device.type in step_module.AUTO_DEVICES:
-            auto = _AutoCompile(run, start)
+            auto = compiling.AutoCompile(run, start)
         else:
             run.compile_stats.reason = f"auto compiles on {' and '.join(step_module.AUTO_DEVICES)} only"
     for step in range(start, total):
@@ -395,7 +222,7 @@ def _loop(run: _Run, start: int) -> _Trained:
         report = done == total or hooks.should_report(done)
         if report or done % curve_every == 0:
             reading = meter.flush()
-            skipped = _check_finite(run, reading, done=done, start=start, reported=skipped)
+            skipped = stop_if_diverged(reading, run.training, done=done, start=start, reported=skipped)
             last_loss = reading.loss
             if last_loss == last_loss:  # not nan: some step since the last point was finite
                 history.append((done, last_loss))
@@ -409,28 +236,6 @@ def _loop(run: _Run, start: int) -> _Trained:
             with meter.paused():
                 _samples(run, done)
     return _Trained(last_loss, meter.overall_rate(), history, skipped)
-
-
-def _check_finite(run: _Run, reading: Reading, *, done: int, start: int, reported: int) -> int:
-    """Stop a diverged run; log newly skipped steps. Returns the skips so far."""
-    training = run.training
-    why = divergence(
-        reading,
-        done=done,
-        trained=done - start,
-        total=training.max_steps,
-        learning_rate=training.learning_rate,
-    )
-    if why is not None:
-        raise NonFiniteError("training_diverged", why)
-    if reading.skipped > reported:
-        log.warning(
-            "%d optimizer steps skipped up to step %d: non-finite loss or gradient",
-            reading.skipped,
-            done,
-            extra={"step": done, "skipped_steps": reading.skipped},
-        )
-    return reading.skipped
 
 
 def _cache(
@@ -475,25 +280,20 @@ def train(
     What was trained comes back; storing it (exports, manifest, upload) is the job layer's
     (core/jobs/artifact.py). `base` is best loaded in fp32: frozen weights are cast here to the
     training precision, trainable ones kept in fp32. `StopTraining` raised by the hooks propagates
-    to the caller. `initial_state` sets some trainable tensors before the first step (a hyper_lora's
-    predicted LoRA); a checkpoint still wins.
+    to the caller, and so does NonFiniteError("training_diverged") past the skip bounds.
+    `initial_state` sets some trainable tensors before the first step (a hyper_lora's predicted
+    LoRA); a checkpoint still wins.
     """
     run = _build_run(method, spec, base, items, workdir, hooks, device, initial_state)
     stats = run.compile_stats
     resumed = _resume(run)
     start = min(resumed or 0, spec.training.max_steps)
-    _choose_compile(run, start)
+    compiling.choose_compile(run, start)
     hooks.phase("training", done=start, total=spec.training.max_steps)
     try:
         trained = _loop(run, start)
     finally:
-        if run.compiled is not None:
-            record_compile_cost(compile_cost_key(method.name, _architecture(run), device), stats)
-            # Dynamo's caches hold this job's modules (the whole base) and count against its
-            # per-function recompile limit: a long-lived worker must start each job clean. The
-            # compiled code itself stays in inductor's on-disk cache for the next job.
-            run.compiled = None
-            forget_compiled()
+        compiling.finish_compiling(run)
     hooks.phase("exporting", done=0, total=1)
     artifact_dir = workdir / "artifact"
     files = run.trainable.save(artifact_dir)
@@ -511,16 +311,6 @@ def train(
     )
 
 
-def _choose_compile(run: _Run, start: int) -> None:
-    stats, setting = run.compile_stats, run.training.compile
-    if run.device.type not in ("cpu", "cuda"):
-        stats.setting, stats.reason = "off", f"compiling is not supported on {run.device.type}"
-    elif setting == "on":
-        _enable_compile(run, start + 1, "training.compile is on")
-    elif setting == "off":
-        stats.reason = "training.compile is off"
-
-
 def _build_run(
     method: Method,
     spec: JobSpec,
@@ -530,7 +320,7 @@ def _build_run(
     hooks: TrainingHooks,
     device: torch.device,
     initial_state: dict[str, torch.Tensor] | None,
-) -> _Run:
+) -> Run:
     """The trainable on its base, its data cached, its optimizer: everything `_loop` steps."""
     training = spec.training
     precision = resolve_precision(training.mixed_precision, device)
@@ -567,7 +357,7 @@ def _build_run(
     optimizer, lr_scheduler = make_optimizer(trainable.trainable_parameters(), training, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.grad_scaler)
     stats = CompileStats(setting=training.compile)
-    return _Run(
+    return Run(
         spec,
         trainable,
         data,

@@ -7,7 +7,7 @@ back: one host sync per report, as design.md asks (`.item()` only at log interva
 A skipped step is what AMP's GradScaler does with a step whose fp16 gradients overflowed: the
 optimizer does not step, so the weights stay those of the last finite step. One such step is a
 spike and training goes on; many, or several in a row, mean the run has diverged, and it stops with
-`training_diverged` (see `divergence`). Restoring the last finite checkpoint instead would replay
+`training_diverged` (`stop_if_diverged`). Restoring the last finite checkpoint instead would replay
 the same steps (all randomness is a function of seed and step) into the same divergence, and would
 need a checkpoint the job may not keep.
 """
@@ -15,12 +15,18 @@ need a checkpoint the job may not keep.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+
+from core.errors import NonFiniteError
+from core.spec.training import TrainingParams
+
+log = logging.getLogger(__name__)
 
 # Skipped steps in a row that end the run: weights that give a non-finite loss on ten different
 # batches are not recovering.
@@ -44,15 +50,56 @@ def skip_bound(total_steps: int) -> int:
     return max(MAX_CONSECUTIVE_SKIPS, math.ceil(MAX_SKIPPED_FRACTION * total_steps))
 
 
-def divergence(reading: Reading, *, done: int, trained: int, total: int, learning_rate: float) -> str | None:
-    """Why training must stop at step `done` (`trained` steps into this attempt), or None."""
-    if reading.longest_run < MAX_CONSECUTIVE_SKIPS and reading.skipped <= skip_bound(total):
-        return None
-    return (
-        f"training diverged: {reading.skipped} of {trained} optimizer steps up to step {done} had a "
-        f"non-finite loss or gradient ({reading.longest_run} in a row) and were skipped; nothing was "
-        f"stored. A lower learning rate (this job's: {learning_rate:g}) or a larger batch usually helps"
-    )
+def step_if_finite(
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    loss: torch.Tensor,
+    grad_norm: torch.Tensor,
+) -> torch.Tensor:
+    """Step the optimizer unless the loss or the gradient is not finite (a non-finite gradient has a
+    non-finite norm); returns "skipped" as a bool tensor on the device, for the meter to count."""
+    if scaler.is_enabled():
+        # fp16: the scaler skips steps whose scaled gradients overflowed and lowers its scale. That
+        # is its calibration, not divergence: only a non-finite loss counts.
+        scaler.step(optimizer)
+        return ~torch.isfinite(loss)
+    skipped = ~torch.isfinite(loss + grad_norm)
+    if getattr(optimizer, "_step_supports_amp_scaling", False):
+        # Fused AdamW reads GradScaler's `found_inf` on the device and leaves weights, moments and
+        # its step count as they were: a skip without a host sync (the scaler's own protocol).
+        optimizer.grad_scale, optimizer.found_inf = None, skipped.float()  # type: ignore[attr-defined]
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.grad_scale, optimizer.found_inf  # type: ignore[attr-defined]
+    elif not skipped.item():
+        # Optimizers without that protocol (8-bit AdamW, Adafactor) cannot skip on the device: one
+        # host sync per step, on the large full fine-tunes they serve, where a step is GPU-bound.
+        optimizer.step()
+    return skipped
+
+
+def stop_if_diverged(
+    reading: Reading, training: TrainingParams, *, done: int, start: int, reported: int
+) -> int:
+    """Raise NonFiniteError("training_diverged") at step `done` past the bounds; log skips new since
+    the last reading (`reported` of them then). Returns the skips so far."""
+    if reading.longest_run >= MAX_CONSECUTIVE_SKIPS or reading.skipped > skip_bound(training.max_steps):
+        raise NonFiniteError(
+            "training_diverged",
+            f"training diverged: {reading.skipped} of {done - start} optimizer steps up to step {done} "
+            f"had a non-finite loss or gradient ({reading.longest_run} in a row) and were skipped; "
+            f"nothing was stored. A lower learning rate (this job's: {training.learning_rate:g}) or a "
+            "larger batch usually helps",
+        )
+    if reading.skipped > reported:
+        log.warning(
+            "%d optimizer steps skipped up to step %d: non-finite loss or gradient",
+            reading.skipped,
+            done,
+            extra={"step": done, "skipped_steps": reading.skipped},
+        )
+    return reading.skipped
 
 
 class Meter:
