@@ -61,12 +61,14 @@ class Item:
     name: str
 
 
-def concept_images(colour: tuple[int, int, int], n: int, seed: int, size: int = 32) -> list[Image.Image]:
+def concept_images(
+    colour: tuple[int, int, int], n: int, seed: int, size: int = 32, noise: int = 12
+) -> list[Image.Image]:
     rng = np.random.default_rng(seed)
     images = []
     for _ in range(n):
-        noise = rng.integers(-12, 13, size=(size, size, 3))
-        images.append(Image.fromarray(np.clip(np.array(colour) + noise, 0, 255).astype(np.uint8)))
+        texture = rng.integers(-noise, noise + 1, size=(size, size, 3))
+        images.append(Image.fromarray(np.clip(np.array(colour) + texture, 0, 255).astype(np.uint8)))
     return images
 
 
@@ -83,10 +85,24 @@ def training_colours(n: int, seed: int) -> list[tuple[int, int, int]]:
     return colours
 
 
-def concept_dataset(seed: int) -> list[Item]:
+def uniform_colours(n: int, seed: int) -> list[tuple[int, int, int]]:
+    """Colours uniform over the RGB cube, clear of the held-out ones: the world of the run that
+    diverged (tests/test_divergence.py), other than the tests' own."""
+    rng = np.random.default_rng(seed)
+    held = np.array(list(HELD_OUT.values()), dtype=np.float32)
+    colours: list[tuple[int, int, int]] = []
+    while len(colours) < n:
+        colour = rng.integers(0, 256, size=3)
+        if np.linalg.norm(held - colour, axis=1).min() >= CLEARANCE:
+            colours.append((int(colour[0]), int(colour[1]), int(colour[2])))
+    return colours
+
+
+def concept_dataset(seed: int, *, uniform: bool = False, noise: int = 12) -> list[Item]:
+    colours = (uniform_colours if uniform else training_colours)(TRAIN_CONCEPTS, seed)
     items = []
-    for c, colour in enumerate(training_colours(TRAIN_CONCEPTS, seed)):
-        for i, image in enumerate(concept_images(colour, IMAGES_PER_CONCEPT, seed * 1000 + c)):
+    for c, colour in enumerate(colours):
+        for i, image in enumerate(concept_images(colour, IMAGES_PER_CONCEPT, seed * 1000 + c, noise=noise)):
             items.append(Item(image, None, f"concepts/c{c:02d}/{i}.png"))
     return items
 

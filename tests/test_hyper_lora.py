@@ -193,6 +193,7 @@ def test_trains_resumes_and_records_what_it_predicts_for(tiny_cache: Path, tmp_p
     assert config.layers == lora_layout(base.unet, "attention+conv+ff") and config.rank == 4
     assert any(layer.kernel == (3, 3) for layer in config.layers)
     assert config.features == ("patch_embeddings", "last_hidden_state") and config.token_dim == 64
+    assert config.fan_in_scaled  # new networks train with the stable parametrisation
 
 
 def test_reference_tokens_keep_the_intensity_the_encoder_normalises_away(tiny_cache: Path) -> None:
@@ -235,6 +236,16 @@ def test_an_artifact_without_features_reads_the_last_hidden_state() -> None:
     config = HyperLoraConfig.from_json(json.dumps(old | {"instance_prompt": "p", "layers": [layer]}))
     assert config.features == ("last_hidden_state",) and config.token_dim == 32
     assert HyperLoraConfig.from_json(config.to_json()) == config
+    # ... and compute as they did before the pooled features were normalised and the heads scaled:
+    # their stored weights are the plain ones.
+    assert config.fan_in_scaled is False
+    network = HyperLoraNetwork(config).eval()
+    tokens = torch.randn(3, 5, 32)
+    pooled = network.mixer(network.embed(network.norm(tokens))).mean(dim=1)
+    coeffs = network.coefficients(pooled).view(3, 1, 2, 2)
+    a, b = network(tokens)["x"]
+    torch.testing.assert_close(a, torch.einsum("bk,kri->bri", coeffs[:, 0, 0], network.basis_a[0]))
+    torch.testing.assert_close(b, torch.einsum("bk,kor->bor", coeffs[:, 0, 1], network.basis_b[0]))
 
 
 def test_prediction_as_an_ordinary_lora_computes_what_the_network_does(
