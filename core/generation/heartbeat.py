@@ -1,6 +1,7 @@
 """The lease of a running generation: a thread renews it while the attempt loads, denoises and
 stores, and learns from the row whether the user canceled or the reaper took the generation back.
-The attempt reads `stop_reason` at every denoising step (`check`) and before it stores (`confirm`)."""
+The attempt reads `stop_reason` at every denoising step (`check`) and before it stores (`confirm`);
+`check` also stops it when its worker shuts down (`request_shutdown`), to be handed back."""
 
 from __future__ import annotations
 
@@ -16,10 +17,19 @@ log = logging.getLogger(__name__)
 
 CANCELED = "canceled"
 LEASE_LOST = "lease_lost"
+SHUTDOWN = "worker_shutdown"
+
+# Set in a generate worker's pool process when its worker shuts down (worker/lifecycle.py, from a
+# signal handler); an Event is safe to set there and to read from the attempt's thread.
+_shutdown = threading.Event()
+
+
+def request_shutdown() -> None:
+    _shutdown.set()
 
 
 class GenerationStopped(Exception):
-    """The attempt must stop: `reason` is CANCELED or LEASE_LOST."""
+    """The attempt must stop: `reason` is CANCELED, LEASE_LOST or SHUTDOWN."""
 
     def __init__(self, generation_id: str, reason: str) -> None:
         super().__init__(f"generation {generation_id} stopped: {reason}")
@@ -65,12 +75,19 @@ class GenerationHeartbeat(threading.Thread):
         self._done.set()
 
     def check(self) -> None:
-        """Raise GenerationStopped when the last heartbeat said to stop."""
-        if self.stop_reason is not None:
-            raise GenerationStopped(self.generation_id, self.stop_reason)
+        """At a denoising step: raise GenerationStopped when the last heartbeat said to stop, or
+        when the worker is shutting down."""
+        self._stop_if_told()
+        if _shutdown.is_set():
+            raise GenerationStopped(self.generation_id, SHUTDOWN)
 
     def confirm(self) -> None:
         """Renew the lease now and stop unless it still holds and nobody canceled: the attempt is
-        about to store its images, and only the lease's holder may."""
+        about to store its images, and only the lease's holder may. A shutdown no longer stops it:
+        its images are made, and storing them takes less than another attempt would."""
         self.beat()
-        self.check()
+        self._stop_if_told()
+
+    def _stop_if_told(self) -> None:
+        if self.stop_reason is not None:
+            raise GenerationStopped(self.generation_id, self.stop_reason)

@@ -28,7 +28,8 @@ from PIL.PngImagePlugin import PngInfo
 from core.config import Settings
 from core.db import session_scope
 from core.generation import states
-from core.generation.heartbeat import LEASE_LOST, GenerationHeartbeat, GenerationStopped
+from core.generation.handback import hand_back
+from core.generation.heartbeat import LEASE_LOST, SHUTDOWN, GenerationHeartbeat, GenerationStopped
 from core.generation.images import attempt_prefix, generation_prefix, load_image
 from core.generation.params import GenerationSpec
 from core.logs import log_context
@@ -258,8 +259,9 @@ def run_generation(
     *, generation_id: str, settings: Settings, storage: Storage, worker_id: str | None = None
 ) -> str | None:
     """Answer a generate message: claim the generation (a duplicate message finds it claimed and
-    does nothing) and run one attempt under a lease. Returns the status it ended in, or None when
-    it was not ours to run or the attempt lost its lease (the reaper re-queued it)."""
+    does nothing) and run one attempt under a lease. Returns the status it ended in, "handed_back"
+    when the worker's shutdown gave it back to the queue, or None when it was not ours to run or
+    the attempt lost its lease (the reaper re-queued it)."""
     claimed = _claim(generation_id, settings, worker_id or this_process())
     if claimed is None:
         return None
@@ -307,6 +309,8 @@ def _attempt(
     except GenerationStopped as stopped:
         if stopped.reason == LEASE_LOST:
             return _lost(claimed, prefix, storage)
+        if stopped.reason == SHUTDOWN:
+            return _hand_back(claimed, settings, prefix, storage)
         outcome = {"status": JobStatus.canceled}
     except Exception as exc:
         log.exception("generation %s failed", claimed.generation_id)
@@ -360,6 +364,19 @@ def _lost(claimed: Claimed, prefix: str, storage: Storage) -> None:
     )
     _discard(prefix, storage)
     return None
+
+
+def _hand_back(claimed: Claimed, settings: Settings, prefix: str, storage: Storage) -> str | None:
+    """The worker is shutting down: the generation goes back to the queue for the next worker."""
+    log.info(
+        "generation %s attempt %s stopped: the worker is shutting down",
+        claimed.generation_id,
+        claimed.attempt,
+    )
+    # Nothing this attempt stored is the generation's: gone before the next attempt can start.
+    _discard(prefix, storage)
+    outcome = hand_back(settings=settings, generation_id=claimed.generation_id, attempt=claimed.attempt)
+    return None if outcome == LEASE_LOST else outcome
 
 
 def _discard(prefix: str, storage: Storage) -> None:

@@ -5,7 +5,8 @@
 Every transition is one conditional UPDATE. The attempt is the fencing token: a worker's heartbeat
 and finish name it, so after the reaper took a dead worker's generation back (re-queued, or failed
 `worker_lost` once `max_attempts` started), a worker that was only slow matches 0 rows and learns
-it lost the lease, and its images are never recorded.
+it lost the lease, and its images are never recorded. A worker that shuts down hands its attempt
+back (`hand_back`), which does not count against `max_attempts`.
 """
 
 from __future__ import annotations
@@ -102,6 +103,42 @@ def finish(
         session.rollback()
         raise LeaseLost(generation_id, attempt)
     session.commit()
+
+
+def hand_back(*, session: Session, generation_id: str, attempt: int) -> JobStatus:
+    """The attempt's worker is shutting down: running → queued at once, for the next worker to start
+    over, rather than a lease later by the reaper. A shutdown is not the generation's fault, so it
+    gives the attempt back (`max_attempts` grows by one, as a job's does): the bound counts only
+    workers lost. Canceled when cancellation was requested meanwhile. LeaseLost when the attempt no
+    longer owns the generation."""
+    result = session.execute(
+        update(Generation)
+        .where(_fenced(generation_id, attempt), Generation.cancel_requested.is_(False))
+        .values(
+            status=JobStatus.queued,
+            max_attempts=Generation.max_attempts + 1,
+            lease_expires_at=None,
+            worker_id=None,
+            dispatched_at=None,  # sent again by the caller, or by the reconciler
+        )
+    )
+    if result.rowcount == 0:
+        # The lease is gone (finish raises LeaseLost) or a cancel is pending: honour it now.
+        session.rollback()
+        finish(session=session, generation_id=generation_id, attempt=attempt, status=JobStatus.canceled)
+        return JobStatus.canceled
+    session.commit()
+    return JobStatus.queued
+
+
+def running_on(*, session: Session, worker_ids: list[str]) -> list[tuple[str, int]]:
+    """(generation id, attempt) of the generations these worker processes hold."""
+    rows = session.execute(
+        select(Generation.id, Generation.attempt).where(
+            Generation.status == JobStatus.running, Generation.worker_id.in_(worker_ids)
+        )
+    )
+    return [(generation_id, int(attempt)) for generation_id, attempt in rows]
 
 
 def request_cancel(*, session: Session, generation: Generation) -> Generation:
