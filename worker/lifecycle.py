@@ -1,11 +1,14 @@
 """How a worker ends (design.md §10): within a bounded time after SIGTERM or SIGINT, with no child
-left behind, and with its running job handed back to resume from the newest checkpoint.
+left behind, and with its running job handed back to resume from the newest checkpoint, or its
+running generation handed back to start over on the next worker.
 
 Celery's warm shutdown waits for running tasks to finish, hours for a training job. Here, the first
 signal also reaches the pool processes: a training attempt stops at its next progress report (every
-two seconds or less) and hands its job back (core/jobs/runner.py). After `shutdown_grace_s`, or at a
-second signal, the worker kills what is left, hands back the jobs those processes held, and exits
-even if Celery is still waiting (billiard can block for ever at exit on a pool whose child died).
+two seconds or less) and hands its job back (core/jobs/runner.py); a generation stops at its next
+denoising step and is handed back (core/generation/handback.py). After `shutdown_grace_s`, or at a
+second signal, the worker kills what is left, hands back the jobs and generations those processes
+held, and exits even if Celery is still waiting (billiard can block for ever at exit on a pool whose
+child died).
 Every child also dies with its parent (PR_SET_PDEATHSIG), so a killed worker leaves nothing behind.
 """
 
@@ -123,21 +126,34 @@ class WorkerShutdown:
         os._exit(EX_SOFTWARE)
 
     def _hand_back(self, pids: list[int]) -> None:
-        """Jobs that killed or vanished pool processes still held go back to the queue now, not
-        when the reaper finds their lease expired."""
+        """Jobs and generations that killed or vanished pool processes still held go back to the
+        queue now, not when the reaper finds their lease expired (and counts an attempt)."""
         from core.db import session_scope
+        from core.generation import handback
+        from core.generation import states as generations
         from core.jobs import states as jobs
         from core.jobs.runner import hand_back
         from worker.tasks import worker_id
 
+        holders = [worker_id(pid) for pid in pids]
         try:
             with session_scope(self.settings.database_url) as session:
-                held = jobs.running_on(session=session, worker_ids=[worker_id(pid) for pid in pids])
+                held = jobs.running_on(session=session, worker_ids=holders)
             for job_id, attempt in held:
                 outcome = hand_back(settings=self.settings, job_id=job_id, attempt=attempt)
                 log.info("job %s attempt %s: %s", job_id, attempt, outcome)
         except Exception:
             log.exception("could not hand back the jobs of %s; the reaper re-queues them", pids)
+        try:
+            with session_scope(self.settings.database_url) as session:
+                running = generations.running_on(session=session, worker_ids=holders)
+            for generation_id, attempt in running:
+                outcome = handback.hand_back(
+                    settings=self.settings, generation_id=generation_id, attempt=attempt
+                )
+                log.info("generation %s attempt %s: %s", generation_id, attempt, outcome)
+        except Exception:
+            log.exception("could not hand back the generations of %s; the reaper re-queues them", pids)
 
 
 def _back_to_the_queue(message: Any) -> None:
@@ -146,9 +162,10 @@ def _back_to_the_queue(message: Any) -> None:
 
 class PoolProcessSignal:
     """SIGTERM in a pool process while it runs a task: a training attempt stops at its next report
-    and hands its job back. SIGALRM's default action bounds the rest, also when no parent is left to
-    kill it; a second SIGTERM ends the process at once. Between tasks billiard's handler (exit at
-    once) applies; billiard installs it after the process starts, so ours goes in per task."""
+    and hands its job back, a generation stops at its next denoising step and is handed back.
+    SIGALRM's default action bounds the rest, also when no parent is left to kill it; a second
+    SIGTERM ends the process at once. Between tasks billiard's handler (exit at once) applies;
+    billiard installs it after the process starts, so ours goes in per task."""
 
     def __init__(self, grace_s: float) -> None:
         self.grace_s = grace_s
@@ -156,12 +173,14 @@ class PoolProcessSignal:
         self._idle: Any = None
 
     def __call__(self, signum: int, frame: object) -> None:
+        from core.generation import heartbeat as generation_heartbeat
         from core.jobs.hooks import request_shutdown
 
         if self.received:
             os._exit(EX_SOFTWARE)
         self.received = True
         request_shutdown()
+        generation_heartbeat.request_shutdown()
         signal.alarm(math.ceil(self.grace_s + EXIT_AFTER_KILL_S))
 
     def task_started(self, **_: object) -> None:
