@@ -58,53 +58,21 @@ def train_and_store(
     workdir: Path,
     prefix: str,
 ) -> jobs.ArtifactRecord:
-
-    from core.bases.loader import load_base
-    from core.datasets.ingest import DatasetItem, load_items
+    """Load, train, then store the artifact under `prefix` (manifest last)."""
     from core.devices import pick_device
     from core.jobs.artifact import train_artifact
     from core.spec.job import JobSpec
-    from core.storage.artifacts import MANIFEST_NAME, read_manifest
-    from core.training.optim import component_dtypes, resolve_precision
 
     spec = JobSpec.model_validate(job.spec)
-    if dataset is None and spec.init_from is None:
-        raise PermanentJobError("dataset_missing", f"job {job.id} has no dataset (it was deleted)")
-    items: list[Any] = []
-    if dataset is not None:
-        items = load_items(storage=storage, dataset_prefix=dataset.storage_prefix)
-        if not items:
-            raise PermanentJobError("dataset_empty", f"dataset {dataset.id} has no images")
+    items = _training_items(storage, job, dataset, spec)
     device, _ = pick_device(settings)
     # Compiled training steps (training.compile) persist in inductor's disk cache: keep it beside the
     # model cache, which outlives /tmp and is shared by this host's workers (a deployment may set it).
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(settings.model_cache or ".") / "compile-cache"))
-    # Frozen components load straight into the training's low-precision dtype (an fp32 SDXL would
-    # need 14 GB on the device first); trained ones in fp32, so full fine-tunes never start from
-    # bf16 copies.
-    precision = resolve_precision(spec.training.mixed_precision, device)
-    base = load_base(
-        spec.base_model,
-        settings=settings,
-        device=device,
-        dtype=component_dtypes(spec.params, precision),
-        fetch_prefix=functools.partial(
-            download_prefix, storage, on_progress=functools.partial(hooks.on_phase, "downloading_base")
-        ),
-        on_phase=hooks.on_phase,
-    )
+    base = _load_base(settings, storage, spec, device, hooks)
     initial_state = None
     if spec.init_from is not None:
-        prediction, references = _predict_init(settings, storage, job, spec, base, device, workdir)
-        initial_state = prediction.state
-        # Uncaptioned images train with the prompt the hyper_lora's LoRAs answer to.
-        items = [
-            DatasetItem(image=item.image, caption=item.caption or prediction.instance_prompt, name=item.name)
-            for item in items
-        ] or [
-            DatasetItem(image=image, caption=prediction.instance_prompt, name=f"reference-{i}.png")
-            for i, image in enumerate(references)
-        ]
+        initial_state, items = _personalised_start(settings, storage, job, spec, base, device, workdir, items)
     result = train_artifact(
         spec=spec,
         base=base,
@@ -115,19 +83,83 @@ def train_and_store(
         name=f"atelier-{job.id}",
         initial_state=initial_state,
     )
-    # The loop hashed every file into the manifest it wrote last; no manifest means no artifact.
-    manifest = read_manifest(result.artifact_dir)
-    manifest_path = result.artifact_dir / MANIFEST_NAME
+    return _upload(settings, storage, job, hooks, result.artifact_dir, prefix)
+
+
+def _training_items(storage: Storage, job: Job, dataset: Dataset | None, spec: Any) -> list[Any]:
+    from core.datasets.ingest import load_items
+
+    if dataset is None and spec.init_from is None:
+        raise PermanentJobError("dataset_missing", f"job {job.id} has no dataset (it was deleted)")
+    if dataset is None:
+        return []
+    items = load_items(storage=storage, dataset_prefix=dataset.storage_prefix)
+    if not items:
+        raise PermanentJobError("dataset_empty", f"dataset {dataset.id} has no images")
+    return items
+
+
+def _load_base(settings: Settings, storage: Storage, spec: Any, device: Any, hooks: JobHooks) -> Any:
+    from core.bases.loader import load_base
+    from core.training.optim import component_dtypes, resolve_precision
+
+    # Frozen components load straight into the training's low-precision dtype (an fp32 SDXL would
+    # need 14 GB on the device first); trained ones in fp32, so full fine-tunes never start from
+    # bf16 copies.
+    precision = resolve_precision(spec.training.mixed_precision, device)
+    return load_base(
+        spec.base_model,
+        settings=settings,
+        device=device,
+        dtype=component_dtypes(spec.params, precision),
+        fetch_prefix=functools.partial(
+            download_prefix, storage, on_progress=functools.partial(hooks.on_phase, "downloading_base")
+        ),
+        on_phase=hooks.on_phase,
+    )
+
+
+def _personalised_start(
+    settings: Settings,
+    storage: Storage,
+    job: Job,
+    spec: Any,
+    base: Any,
+    device: Any,
+    workdir: Path,
+    items: list[Any],
+) -> tuple[Any, list[Any]]:
+    """init_from: the predicted LoRA to start from, and the items to train on (the dataset's, or
+    the reference images), captioned with the prompt the hyper_lora's LoRAs answer to."""
+    from core.datasets.ingest import DatasetItem
+
+    prediction, references = _predict_init(settings, storage, job, spec, base, device, workdir)
+    prompt = prediction.instance_prompt
+    own = [DatasetItem(image=i.image, caption=i.caption or prompt, name=i.name) for i in items]
+    refs = [
+        DatasetItem(image=im, caption=prompt, name=f"reference-{n}.png") for n, im in enumerate(references)
+    ]
+    return prediction.state, own or refs
+
+
+def _upload(
+    settings: Settings, storage: Storage, job: Job, hooks: JobHooks, artifact_dir: Path, prefix: str
+) -> jobs.ArtifactRecord:
+    from core.storage.artifacts import MANIFEST_NAME, read_manifest
+
+    # The job layer hashed every file into the manifest it wrote last; no manifest means no artifact.
+    manifest = read_manifest(artifact_dir)
+    manifest_path = artifact_dir / MANIFEST_NAME
     manifest_bytes = manifest_path.read_bytes()
     # The manifest goes last: a reader that finds it knows every file it names is complete. Set
     # aside rather than copying the artifact (gigabytes for DreamBooth) to leave it out.
     manifest_path.unlink()
-    files = sum(1 for path in result.artifact_dir.rglob("*") if path.is_file()) + 1  # and the manifest
+    files = sum(1 for path in artifact_dir.rglob("*") if path.is_file()) + 1  # and the manifest
 
     def store() -> None:  # the same keys each time: a retry overwrites what a failed try left
         upload_dir(
             storage,
-            result.artifact_dir,
+            artifact_dir,
             prefix,
             on_progress=lambda done, _: hooks.phase("uploading", done=done, total=files),
         )
