@@ -10,4 +10,4 @@ python3 -m venv .venv
 .venv/bin/pip install -q -e '.[ml,test]'
 .venv/bin/ruff check .
 .venv/bin/lint-imports
-.venv/bin/python -m pytest -m "not gpu" -p no:cacheprovider "$@"
+.venv/bin/python -m pytest -m "not gpu" -p no:cacheprovider --durations=25 "$@"
